@@ -1,0 +1,200 @@
+"""The bridge: projections, intermediate MLP and Enhanced Cross-Attention layers.
+
+Data flow (widths: L = knowledge source, S = generation module):
+
+    P = pre_proj(H)                      # [B, T, L]  source states, re-projected
+    stream = intermediate(P)             # [B, T, S]
+    for layer in layers:                 # Enhanced Cross-Attention
+        stream = stream + layer(P, stream)
+    inputs_embeds = stream + proj(P)     # [B, T, S]
+
+Each layer: cross-attention (queries from the stream, keys/values from P, LayerNorm on both
+inputs), an adapter (Linear-GELU-Linear-LayerNorm + residual) and a gate g = sigmoid(W[x; a])
+returning g * a + (1 - g) * x.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def cross_attention_mask(
+    key_mask: Tensor,
+    query_len: int,
+    *,
+    causal: bool = True,
+    past_len: int = 0,
+) -> Tensor:
+    """Boolean mask [B, 1, Tq, Tk] (True = may attend) for the bridge's cross-attention.
+
+    `key_mask` is [B, Tk]: 0 for padding, otherwise a segment id (1 for unpacked rows; packed rows
+    number their examples 1, 2, ...). Query i sits at absolute position past_len + i. With
+    `causal`, it reads keys at positions <= its own; it never reads padding or another segment.
+    A query with nothing to read (a padding position) reads its own key so softmax stays finite;
+    its output is never used.
+    """
+    B, Tk = key_mask.shape
+    device = key_mask.device
+    q_pos = torch.arange(past_len, past_len + query_len, device=device)
+    k_pos = torch.arange(Tk, device=device)
+    allowed = (key_mask > 0)[:, None, :].expand(B, query_len, Tk)
+    if causal:
+        allowed = allowed & (k_pos[None, None, :] <= q_pos[None, :, None])
+    if query_len == Tk and past_len == 0 and key_mask.max() > 1:
+        # Packed rows: no attention across example boundaries.
+        allowed = allowed & (key_mask[:, :, None] == key_mask[:, None, :])
+    own = k_pos[None, None, :] == q_pos[None, :, None]
+    empty = ~allowed.any(-1, keepdim=True)
+    allowed = allowed | (empty & own)
+    return allowed[:, None]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention: queries from the small-width stream, keys/values from source states."""
+
+    def __init__(self, stream_dim: int, source_dim: int, num_heads: int = 8, dropout: float = 0.1):
+        super().__init__()
+        if stream_dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide the small width {stream_dim}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.norm_source = nn.LayerNorm(source_dim)
+        self.norm_stream = nn.LayerNorm(stream_dim)
+        self.q_proj = nn.Linear(stream_dim, stream_dim)
+        self.k_proj = nn.Linear(source_dim, stream_dim)
+        self.v_proj = nn.Linear(source_dim, stream_dim)
+        self.out_proj = nn.Linear(stream_dim, stream_dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        return x.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2)
+
+    def source_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, H, Ts, Dh] of source states; cacheable, as they depend on nothing else."""
+        s = self.norm_source(source)
+        return self._heads(self.k_proj(s)), self._heads(self.v_proj(s))
+
+    def forward(self, stream: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+        q = self._heads(self.q_proj(self.norm_stream(stream)))
+        k, v = kv
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        B, H, T, Dh = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+class Adapter(nn.Module):
+    """Extra non-linear transform of the attended states: LayerNorm(fc2(GELU(fc1(a)))) + a."""
+
+    def __init__(self, dim: int, adapter_dim: int = 256):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, adapter_dim)
+        self.fc2 = nn.Linear(adapter_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, a: Tensor) -> Tensor:
+        return self.norm(self.fc2(F.gelu(self.fc1(a)))) + a
+
+
+class Gate(nn.Module):
+    """g = sigmoid(W [x; a]); returns g * a + (1 - g) * x, blending knowledge into the stream."""
+
+    def __init__(self, dim: int, init: str = "paper"):
+        super().__init__()
+        self.proj = nn.Linear(2 * dim, dim)
+        self.init = init
+        self.reset_gate()
+
+    def reset_gate(self) -> None:
+        if self.init == "closed":
+            # Start (almost) shut: the stream passes through unchanged until training opens it.
+            nn.init.zeros_(self.proj.weight)
+            nn.init.constant_(self.proj.bias, -4.0)
+
+    def forward(self, x: Tensor, a: Tensor) -> Tensor:
+        g = torch.sigmoid(self.proj(torch.cat([x, a], dim=-1)))
+        return g * a + (1 - g) * x
+
+
+class EnhancedCrossAttention(nn.Module):
+    """Cross-attention -> adapter -> gate (the paper's three parts of one bridge layer)."""
+
+    def __init__(
+        self,
+        stream_dim: int,
+        source_dim: int,
+        num_heads: int = 8,
+        adapter_dim: int = 256,
+        dropout: float = 0.1,
+        gate_init: str = "paper",
+    ):
+        super().__init__()
+        self.cross_attn = CrossAttention(stream_dim, source_dim, num_heads, dropout)
+        self.adapter = Adapter(stream_dim, adapter_dim)
+        self.gate = Gate(stream_dim, gate_init)
+
+    def forward(self, stream: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+        a = self.adapter(self.cross_attn(stream, kv, mask))
+        return self.gate(stream, a)
+
+
+class Bridge(nn.Module):
+    """Maps knowledge-source states [B, T, L] to the generation module's inputs_embeds [B, T, S]."""
+
+    def __init__(
+        self,
+        source_dim: int,
+        stream_dim: int,
+        num_layers: int = 2,
+        num_heads: int = 8,
+        adapter_dim: int = 256,
+        intermediate_dim: int | None = None,
+        dropout: float = 0.1,
+        gate_init: str = "paper",
+        causal: bool = True,
+    ):
+        super().__init__()
+        mid = intermediate_dim or (source_dim + stream_dim) // 2
+        self.causal = causal
+        self.pre_proj = nn.Linear(source_dim, source_dim)
+        self.proj = nn.Linear(source_dim, stream_dim)
+        self.intermediate = nn.Sequential(
+            nn.Linear(source_dim, mid),
+            nn.LayerNorm(mid),
+            nn.GELU(),
+            nn.Linear(mid, stream_dim),
+            nn.LayerNorm(stream_dim),
+        )
+        self.layers = nn.ModuleList(
+            EnhancedCrossAttention(stream_dim, source_dim, num_heads, adapter_dim, dropout, gate_init)
+            for _ in range(num_layers)
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pre_proj.weight.dtype
+
+    def project_source(self, source_states: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """P = pre_proj(H) and each layer's cross-attention keys/values over it."""
+        # transformers 5 may run the source in bf16: compute the bridge in its own dtype.
+        p = self.pre_proj(source_states.to(self.dtype))
+        return p, [layer.cross_attn.source_kv(p) for layer in self.layers]
+
+    def stream(self, p: Tensor, kvs: list[tuple[Tensor, Tensor]], mask: Tensor | None) -> Tensor:
+        """Run the stream for queries at the positions of `p` against cached keys/values `kvs`."""
+        s = self.intermediate(p)
+        for layer, kv in zip(self.layers, kvs):
+            s = s + layer(s, kv, mask)
+        return s + self.proj(p)
+
+    def forward(self, source_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """`attention_mask` [B, T]: 0 = padding, else 1 (or segment ids for packed rows)."""
+        B, T, _ = source_states.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=source_states.device)
+        mask = cross_attention_mask(attention_mask, T, causal=self.causal)
+        p, kvs = self.project_source(source_states)
+        return self.stream(p, kvs, mask)

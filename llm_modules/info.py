@@ -1,0 +1,53 @@
+"""Parameter counts per part of an LLM Module, for saved modules or from configs alone (meta device)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
+
+from .config import ModuleConfig
+from .model import LLMModule
+from .source import KnowledgeSource
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(module: LLMModule) -> dict[str, int]:
+    """Counts for each part; `trained` excludes the frozen source, `inference` is everything run."""
+    gen = module.generation
+    placeholder = gen.trunk.get_input_embeddings().weight.numel()
+    counts: dict[str, int] = {}
+    if module.source is not None:
+        counts["source (frozen)"] = _count(module.source)
+    b = module.bridge
+    counts["bridge.pre_proj"] = _count(b.pre_proj)
+    counts["bridge.proj"] = _count(b.proj)
+    counts["bridge.intermediate"] = _count(b.intermediate)
+    for i, layer in enumerate(b.layers):
+        counts[f"bridge.layers.{i}"] = _count(layer)
+    counts["bridge"] = _count(b)
+    counts["small trunk"] = _count(gen.trunk) - placeholder
+    counts["head"] = _count(gen.lm_head)
+    counts["trained"] = counts["bridge"] + counts["small trunk"] + counts["head"]
+    counts["inference"] = counts["trained"] + counts.get("source (frozen)", 0)
+    return counts
+
+
+def module_from_configs(
+    large: PretrainedConfig, small: PretrainedConfig, vocab_size: int, **config_kwargs: Any
+) -> LLMModule:
+    """An LLMModule on the meta device: real shapes, no memory, no weights read."""
+    cfg = ModuleConfig(large_model=getattr(large, "_name_or_path", ""), vocab_size=vocab_size, init_small="scratch", **config_kwargs)
+    with torch.device("meta"):
+        source = KnowledgeSource(AutoModelForCausalLM.from_config(large), name=cfg.large_model)
+        trunk = AutoModel.from_config(small)
+        return LLMModule(cfg, trunk, source)
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    width = max(len(k) for k in counts)
+    return "\n".join(f"{k:<{width}}  {v:>15,}" for k, v in counts.items())

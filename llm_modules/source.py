@@ -1,0 +1,114 @@
+"""The knowledge source: a frozen large causal LM whose hidden states feed the bridge."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+# Config keys that change how a model runs, not what it is.
+_RUNTIME_KEYS = {
+    "_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version", "use_cache",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    "output_hidden_states", "output_attentions", "return_dict", "_commit_hash", "architectures",
+    "torchscript", "chunk_size_feed_forward", "problem_type", "_experts_implementation",
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... over real tokens whatever the padding side; padding gets 0 (never read)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def fingerprint(model: PreTrainedModel, name: str, samples: int = 3, elems: int = 65536) -> dict[str, Any]:
+    """Identify a knowledge source: its name, a hash of its config and of a few weight tensors.
+
+    Weights are hashed in bf16 so the same checkpoint loaded in fp32 or bf16 matches.
+    """
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _RUNTIME_KEYS}
+    config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    params = [(n, p) for n, p in model.named_parameters()]
+    picks = sorted({0, len(params) // 2, len(params) - 1}) if params else []
+    h = hashlib.sha256()
+    for i in picks[:samples]:
+        n, p = params[i]
+        h.update(f"{n}:{tuple(p.shape)}".encode())
+        if p.device.type != "meta":
+            flat = p.detach().reshape(-1)[:elems].to("cpu", torch.bfloat16).view(torch.int16)
+            h.update(flat.numpy().tobytes())
+    return {"model": name, "config_sha256": config_hash, "weights_sha256": h.hexdigest()}
+
+
+def fingerprints_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["config_sha256"] == b["config_sha256"] and a["weights_sha256"] == b["weights_sha256"]
+
+
+class KnowledgeSource(nn.Module):
+    """A frozen causal LM run without its LM head; returns the hidden states the bridge reads.
+
+    Gradients never reach it: parameters have requires_grad False, it stays in eval mode, and its
+    forward runs under no_grad.
+    """
+
+    def __init__(self, model: PreTrainedModel, name: str = "", layer: int = -1):
+        super().__init__()
+        # Keep only the decoder trunk: the LM head (151,936-way for Qwen2) would be wasted work.
+        self.model = model.base_model if hasattr(model, "base_model") else model
+        self.name = name or getattr(model.config, "_name_or_path", "")
+        self.layer = layer
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    @classmethod
+    def from_pretrained(cls, name: str, dtype: str = "bfloat16", layer: int = -1, **kwargs: Any) -> "KnowledgeSource":
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype), **kwargs)
+        return cls(model, name=name, layer=layer)
+
+    def train(self, mode: bool = True) -> "KnowledgeSource":
+        # Frozen: dropout stays off even when the surrounding module trains.
+        return super().train(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def fingerprint(self) -> dict[str, Any]:
+        return fingerprint(self.model, self.name)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[Tensor, Any]:
+        """Hidden states [B, T, L] of the chosen layer, and the KV cache when `use_cache`."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1]:]
+        want_all = self.layer != -1
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=want_all,
+        )
+        states = out.hidden_states[self.layer] if want_all else out.last_hidden_state
+        return states, (out.cache if use_cache else None)
