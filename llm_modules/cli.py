@@ -69,7 +69,95 @@ def add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_info]
+# -- generate / chat --------------------------------------------------------------------------
+def _load_module(args: argparse.Namespace):
+    import torch
+
+    from .model import LLMModule
+
+    module = LLMModule.from_pretrained(args.model, large_model=args.large, ignore_fingerprint=args.ignore_fingerprint,
+                                       source_dtype=args.source_dtype)
+    return module.to(torch.device(args.device)).eval()
+
+
+def _gen_kwargs(args: argparse.Namespace, module, fmt: str) -> dict:
+    from .data import default_stop_strings
+
+    stops = args.stop if args.stop is not None else default_stop_strings(module.tokenizer, fmt)
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop_strings=stops)
+
+
+def _format(args: argparse.Namespace, module) -> str:
+    return module.config.extra.get("format", "raw") if args.format == "auto" else args.format
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .chat import TextStreamer, answer
+    from .data import build_prompt
+
+    module = _load_module(args)
+    fmt = _format(args, module)
+    kw = _gen_kwargs(args, module, fmt)
+    streamer = TextStreamer(module.tokenizer, sys.stdout, kw["stop_strings"])
+    answer(module, build_prompt(module.tokenizer, fmt, args.prompt, system=args.system), kw, streamer.put, args.truncate)
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .chat import chat_loop
+
+    module = _load_module(args)
+    fmt = _format(args, module)
+    chat_loop(module, fmt, _gen_kwargs(args, module, fmt), system=args.system, truncate=args.truncate)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a saved llm-modules folder")
+    p.add_argument("--large", help="knowledge source to attach (default: the one named in the module's config)")
+    p.add_argument("--ignore-fingerprint", action="store_true", help="attach a knowledge source that differs from the one trained with")
+    p.add_argument("--source-dtype", choices=["float32", "bfloat16", "float16"], help="dtype to run the knowledge source in")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default="auto", choices=["auto", "raw", "paper", "chat_template"],
+                   help="prompt layout (auto: the format the module was trained with, else raw)")
+    p.add_argument("--system", help="system prompt (paper and chat_template formats; default: the reasoning prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--stop", action="append", help="stop string (repeatable; default: <|end_of_solution|> for the paper format)")
+    p.add_argument("--truncate", choices=["left"], help="cut a too-long prompt from the left (with a warning) instead of failing")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream a continuation of a prompt", description="Generate from a saved module with cached incremental decoding, streaming tokens as they are produced.")
+    p.add_argument("prompt", help="the prompt (laid out per --format)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="multi-turn terminal chat", description="Multi-turn chat; history is laid out in the training prompt format. /reset clears it, /exit quits, Ctrl-C stops the current answer.")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_info, add_generate, add_chat]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,91 @@
+"""Terminal front ends: streamed one-shot generation and a multi-turn chat."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, TextIO
+
+from .data import build_prompt, default_stop_strings
+from .generate import decode, prepare_prompt
+
+
+class TextStreamer:
+    """Prints decoded text as tokens arrive (decoding the whole answer so multi-byte text stays whole)."""
+
+    def __init__(self, tokenizer: Any, out: TextIO = sys.stdout, stop_strings: list[str] | None = None):
+        self.tokenizer, self.out, self.stops = tokenizer, out, stop_strings or []
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def text(self) -> str:
+        t = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        for s in self.stops:
+            if s in t:
+                t = t[: t.index(s) + len(s)]
+        eos = self.tokenizer.eos_token
+        return t.split(eos)[0] if eos and eos in t else t
+
+    def put(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        t = self.text()
+        if t.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        self.out.write(t[self.printed:])
+        self.out.flush()
+        self.printed = len(t)
+
+
+def answer(module: Any, prompt: str, gen_kwargs: dict[str, Any], on_token: Callable[[int], None],
+           truncate: str | None = None) -> list[int]:
+    tok = module.tokenizer
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    ids, mask = enc.input_ids.to(module.device), enc.attention_mask.to(module.device)
+    ids, mask = prepare_prompt(module, ids, mask, gen_kwargs.get("max_new_tokens", 256), truncate)
+    out: list[int] = []
+    for nxt, _, finished in decode(module, ids, mask, **gen_kwargs):
+        t = int(nxt[0])
+        out.append(t)
+        if t != tok.eos_token_id:
+            on_token(t)
+        if bool(finished[0]):
+            break
+    return out
+
+
+def chat_loop(module: Any, fmt: str, gen_kwargs: dict[str, Any], system: str | None = None,
+              truncate: str | None = None, inp: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+    """Multi-turn chat: /reset clears the history, /exit quits; Ctrl-C stops the current answer only."""
+    tok = module.tokenizer
+    stops = gen_kwargs.setdefault("stop_strings", default_stop_strings(tok, fmt))
+    history: list[tuple[str, str]] = []
+    out.write("llm-modules chat: /reset clears the history, /exit quits, Ctrl-C stops an answer.\n")
+    while True:
+        try:
+            q = inp("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        if q in ("/exit", "/quit"):
+            return
+        if q == "/reset":
+            history = []
+            out.write("(history cleared)\n")
+            continue
+        if not q:
+            continue
+        streamer = TextStreamer(tok, out, stops)
+        out.write("module> ")
+        try:
+            answer(module, build_prompt(tok, fmt, q, history, system), gen_kwargs, streamer.put, truncate)
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        except ValueError as e:
+            out.write(f"\nerror: {e}\n")
+            continue
+        out.write("\n")
+        text = streamer.text()
+        for s in stops:
+            text = text.split(s)[0] + (s if s in text else "")
+        history.append(("user", q))
+        history.append(("assistant", text.strip()))
+

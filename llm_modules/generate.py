@@ -1,0 +1,223 @@
+"""Incremental decoding with three caches, sampling, stop conditions and streaming.
+
+Per new token the cost is one knowledge-source step (its KV cache), one bridge step (the
+cross-attention keys/values over source positions are cached and appended, never recomputed) and
+one small-trunk step (its KV cache). The prompt is processed in one pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .bridge import cross_attention_mask
+from .source import position_ids_from_mask
+
+if TYPE_CHECKING:
+    from .model import LLMModule
+
+
+@dataclass
+class DecodeState:
+    """Everything carried from one decoding step to the next."""
+
+    attention_mask: Tensor  # [B, T] over all tokens so far (0 = left padding)
+    source_cache: Any = None
+    trunk_cache: Any = None
+    bridge_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, [B, H, T, Dh]
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+
+@torch.no_grad()
+def step(module: "LLMModule", new_ids: Tensor, state: DecodeState | None, attention_mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
+    """Feed `new_ids` [B, n] (the whole prompt first, then one token at a time); return last logits [B, V]."""
+    B, n = new_ids.shape
+    ones = torch.ones(B, n, dtype=torch.long, device=new_ids.device)
+    if state is None:
+        mask = attention_mask.long() if attention_mask is not None else ones
+        state = DecodeState(attention_mask=mask)
+        past = 0
+    else:
+        past = state.length
+        state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+    mask = state.attention_mask
+    positions = position_ids_from_mask(mask)[:, -n:]
+    h, state.source_cache = module.source(new_ids, mask, positions, cache=state.source_cache, use_cache=True)
+    p, kvs = module.bridge.project_source(h)
+    if state.bridge_kv:
+        kvs = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(state.bridge_kv, kvs)]
+    state.bridge_kv = kvs
+    xmask = cross_attention_mask(mask, n, causal=module.bridge.causal, past_len=past)
+    embeds = module.bridge.stream(p, kvs, xmask)
+    hidden, state.trunk_cache = module.generation(embeds, mask, positions, cache=state.trunk_cache, use_cache=True)
+    logits = module.generation.lm_head(hidden[:, -1]).float()
+    return logits, state
+
+
+@torch.no_grad()
+def full_forward_logits(module: "LLMModule", ids: Tensor, mask: Tensor) -> Tensor:
+    """Last-position logits from a full forward over everything so far (the reference's way: no caches)."""
+    return module(ids, mask).logits[:, -1].float()
+
+
+def process_logits(
+    logits: Tensor,
+    seen: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+) -> Tensor:
+    """Apply repetition penalty, temperature, top-k and top-p (in that order, as transformers does)."""
+    logits = logits.clone()
+    if repetition_penalty != 1.0:
+        picked = logits.gather(1, seen)
+        picked = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
+        logits.scatter_(1, seen, picked)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the first is always kept).
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def prepare_prompt(module: "LLMModule", input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
+                   truncate: str | None = None) -> tuple[Tensor, Tensor]:
+    """Check the prompt fits the context; with truncate='left' cut it from the left, with a warning."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    limit = module.generation.position_limit
+    src_limit = getattr(module.source.model.config, "max_position_embeddings", None) if module.source is not None else None
+    limits = [x for x in (limit, src_limit) if x]
+    if limits:
+        room = min(limits) - max_new_tokens
+        longest = int(attention_mask.sum(-1).max())
+        if longest > room:
+            if truncate != "left" or room <= 0:
+                raise ValueError(
+                    f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the context limit of "
+                    f"{min(limits)} positions; shorten it or cut it with --truncate left"
+                )
+            warnings.warn(f"prompt cut from the left: {longest} -> {room} tokens to fit the context limit", stacklevel=3)
+            input_ids, attention_mask = input_ids[:, -room:], attention_mask[:, -room:]
+    return input_ids, attention_mask
+
+
+def decode(
+    module: "LLMModule",
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: Sequence[str] = (),
+    seed: int | None = None,
+    use_cache: bool = True,
+    truncate: str | None = None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Yield (next_tokens [B], raw logits [B, V], finished [B]) once per new token.
+
+    Finished rows keep receiving `pad_token_id`. Stops when every row has finished.
+    """
+    tok = module.tokenizer
+    if eos_token_id is None and tok is not None:
+        eos_token_id = tok.eos_token_id
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                       device=input_ids.device, dtype=torch.long)
+    if pad_token_id is None:
+        pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    if module.config.reference_compat and use_cache:
+        # A non-causal bridge changes earlier positions as the text grows: only a full recompute
+        # reproduces the reference's generation.
+        use_cache = False
+    input_ids, attention_mask = prepare_prompt(module, input_ids, attention_mask, max_new_tokens, truncate)
+    gen = None
+    if do_sample:
+        gen = torch.Generator(device=input_ids.device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+    was_training = module.training
+    module.eval()
+    try:
+        B = input_ids.shape[0]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        seen = input_ids
+        texts = [""] * B
+        ids, mask = input_ids, attention_mask.long()
+        state = None
+        if use_cache:
+            logits, state = step(module, input_ids, None, attention_mask)
+        else:
+            logits = full_forward_logits(module, ids, mask)
+        for _ in range(max_new_tokens):
+            scores = process_logits(logits, seen, temperature=temperature if do_sample else 1.0,
+                                    top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
+                                    repetition_penalty=repetition_penalty)
+            if do_sample:
+                nxt = torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)
+            else:
+                nxt = scores.argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+            done_now = torch.isin(nxt, eos) & ~finished
+            if stop_strings and tok is not None:
+                for i in range(B):
+                    if not finished[i]:
+                        texts[i] += tok.decode([int(nxt[i])], skip_special_tokens=False)
+                        if any(s in texts[i][-(len(s) + 32):] for s in stop_strings):
+                            done_now[i] = True
+            yield nxt, logits, finished | done_now
+            finished = finished | done_now
+            if bool(finished.all()):
+                return
+            seen = torch.cat([seen, nxt[:, None]], 1)
+            if use_cache:
+                logits, state = step(module, nxt[:, None], state)
+            else:
+                ids = torch.cat([ids, nxt[:, None]], 1)
+                mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+                logits = full_forward_logits(module, ids, mask)
+    finally:
+        module.train(was_training)
+
+
+def generate(
+    module: "LLMModule",
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    streamer: Callable[[Tensor], None] | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    """Prompt plus new tokens [B, T + n], like transformers' `generate` (arguments: see `decode`).
+
+    `streamer(tokens [B])` is called with each new token as it is produced.
+    """
+    input_ids, attention_mask = prepare_prompt(
+        module, input_ids, attention_mask, kwargs.get("max_new_tokens", 256), kwargs.pop("truncate", None)
+    )
+    out = [input_ids]
+    for nxt, _, _ in decode(module, input_ids, attention_mask, **kwargs):
+        out.append(nxt[:, None])
+        if streamer is not None:
+            streamer(nxt)
+    return torch.cat(out, 1)
