@@ -157,7 +157,27 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_chat)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_info, add_generate, add_chat]
+# -- train ------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    from .train import TrainConfig, parse_overrides, train
+
+    cfg = TrainConfig.from_yaml(args.config, parse_overrides(extra))
+    train(cfg, resume=args.resume)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    from .train import TrainConfig
+
+    keys = ", ".join(TrainConfig.fields())
+    p = sub.add_parser("train", help="train a module from a recipe",
+                       description="Train from a recipe YAML; any recipe key can be overridden as --key value. "
+                                   f"Keys: {keys}.")
+    p.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last (optimiser, schedule, RNG and data order included)")
+    p.set_defaults(func=cmd_train, takes_extra=True)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_info, add_train, add_generate, add_chat]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,13 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     _quiet()
     try:
-        args.func(args)
+        args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -142,3 +142,46 @@ def make_fixtures(root: str | os.PathLike, vocab_size: int = 512) -> dict[str, s
 
 def load_config(path: str):
     return AutoConfig.from_pretrained(path)
+
+
+def arith_rows(n: int = 400, seed: int = 0) -> list[dict]:
+    """Bespoke-schema rows of small arithmetic questions answered in the paper's reasoning format."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 20), rng.randint(1, 9)
+        if rng.random() < 0.5:
+            q, thought, ans = f"What is the sum of {a} and {b}?", f"{a} plus {b} is {a + b}.", a + b
+        else:
+            q, thought, ans = (f"Find the remainder by dividing {a} by {b}.",
+                               f"{a} = {b} * {a // b} + {a % b}.", a % b)
+        answer = (f"<|begin_of_thought|> {thought} <|end_of_thought|> "
+                  f"<|begin_of_solution|> {ans} <|end_of_solution|>")
+        rows.append({"system": "Answer briefly.", "conversations": [
+            {"from": "user", "value": q}, {"from": "assistant", "value": answer}]})
+    return rows
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LLM_MODULES_CACHE", Path.home() / ".cache" / "llm-modules"))
+
+
+def resolve(value: str, root: str | os.PathLike | None = None) -> str:
+    """`tiny:NAME` -> the path of a locally generated fixture (models, tokenizer, or `tiny:arith` data)."""
+    if not isinstance(value, str) or not value.startswith("tiny:"):
+        return value
+    key = value[len("tiny:"):]
+    root = Path(root) if root else default_cache_dir() / "fixtures"
+    if key == "arith":
+        import json
+
+        path = root / "arith.jsonl"
+        if not path.exists():
+            from .io import atomic_write_text
+
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in arith_rows()))
+        return str(path)
+    paths = make_fixtures(root)
+    if key not in paths:
+        raise ValueError(f"unknown fixture {value!r}; known: tiny:arith, " + ", ".join(f"tiny:{k}" for k in paths))
+    return paths[key]

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -264,8 +264,11 @@ class LLMModule(nn.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
     # -- save / load ----------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> None:
-        """Write llm_module.json, ONE model.safetensors (trainable weights only) and the tokenizer, atomically."""
+    def save_pretrained(self, path: str | os.PathLike, write_extra: Callable[[Path], None] | None = None) -> None:
+        """Write llm_module.json, ONE model.safetensors (trainable weights only) and the tokenizer, atomically.
+
+        `write_extra(folder)` may add files (e.g. trainer state) inside the same atomic write.
+        """
         if self.source is not None:
             self.config.fingerprint = self.source.fingerprint()
         state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
@@ -274,8 +277,8 @@ class LLMModule(nn.Module):
             (tmp / CONFIG_NAME).write_text(self.config.to_json_string(), encoding="utf-8")
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text, encoding="utf-8")
+            if write_extra is not None:
+                write_extra(tmp)
 
     @classmethod
     def from_pretrained(

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_modules.fixtures import arith_rows
+from llm_modules.train import TrainConfig, parse_overrides, train
+
+
+@pytest.fixture
+def cfg(fx, tmp_path):
+    data = tmp_path / "arith.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in arith_rows(120, seed=1)))
+
+    def make(**kw):
+        base = dict(large_model=fx["large_qwen2"], small_model=fx["small_gpt_neo"], source_dtype="float32",
+                    num_heads=4, adapter_dim=16, data=str(data), max_length=256, epochs=2, batch_size=8,
+                    lr_bridge=3e-3, lr_small=3e-3, warmup_steps=2, output_dir=str(tmp_path / "run"),
+                    progress=False, tensorboard=False, log_every=1)
+        base.update(kw)
+        return TrainConfig.from_dict(base)
+
+    return make
+
+
+def test_tiny_run_validation_loss_falls(cfg, tmp_path):
+    r = train(cfg(epochs=3), log=lambda s: None)
+    assert r.first_val_loss > 5.0
+    assert r.best_val_loss < 0.6 * r.first_val_loss
+    out = tmp_path / "run"
+    assert (out / "best" / "model.safetensors").exists() and (out / "loss_curve.png").stat().st_size > 1000
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in x for x in recs) and any("tokens_per_s" in x for x in recs)
+
+
+def test_killed_and_resumed_run_ends_with_same_weights(cfg, tmp_path):
+    full = train(cfg(grad_accum=2, output_dir=str(tmp_path / "a")), log=lambda s: None)
+    part = train(cfg(grad_accum=2, output_dir=str(tmp_path / "b")), stop_after=3, log=lambda s: None)
+    assert part.steps == 3  # killed mid-epoch (4 optimiser steps per epoch)
+    rest = train(cfg(grad_accum=2, output_dir=str(tmp_path / "b")), resume=True, log=lambda s: None)
+    assert rest.steps == full.steps
+    a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert abs(full.best_val_loss - rest.best_val_loss) <= 1e-6
+    steps_b = [x["step"] for x in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+    assert steps_b == sorted(set(steps_b))  # no duplicated records after resume
+
+
+def test_early_stopping(cfg):
+    r = train(cfg(epochs=6, lr_bridge=0.0, lr_small=0.0, patience=2), log=lambda s: None)
+    assert r.stopped_early and r.steps == 2 * 14  # 2 epochs without improvement after the first
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown key\\(s\\): lr_bridg"):
+        TrainConfig.from_dict({"lr_bridg": 1})
+    p = tmp_path / "r.yaml"
+    p.write_text("epochs: [1\n")
+    with pytest.raises(ValueError, match="r.yaml: not valid YAML"):
+        TrainConfig.from_yaml(p)
+    assert parse_overrides(["--lr-bridge", "0.001", "--epochs=2", "--causal", "false"]) == {
+        "lr_bridge": 1e-3, "epochs": 2, "causal": False}
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(TrainConfig(output_dir=str(tmp_path / "none")), resume=True)
+
+
+def test_numbers_are_coerced_and_wrong_types_named():
+    c = TrainConfig.from_dict({"lr_bridge": "1e-3", "epochs": "4"})
+    assert c.lr_bridge == 1e-3 and c.epochs == 4
+    with pytest.raises(ValueError, match="key 'epochs' must be int, got 'many'"):
+        TrainConfig.from_dict({"epochs": "many"})
+    with pytest.raises(ValueError, match="key 'causal' must be bool"):
+        TrainConfig.from_dict({"causal": "maybe"})
