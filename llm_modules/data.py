@@ -338,3 +338,32 @@ def default_stop_strings(tokenizer: Any, fmt: str) -> list[str]:
         tail = tokenizer.apply_chat_template(msgs, tokenize=False).split("ANSWER", 1)[1].strip()
         return [tail] if tail else []
     return []
+
+
+def pack_indices(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Greedy packing in the given order: consecutive items share a row while their lengths fit max_length."""
+    rows: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if rows and used + n <= max_length:
+            rows[-1].append(i)
+            used += n
+        else:
+            rows.append([i])
+            used = n
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, Tensor]:
+    """Like `collate`, but each row holds several examples; attention_mask numbers them 1, 2, ...
+
+    The first token of each example is never a target (it would be predicted from the previous example).
+    """
+    flat = [Example(sum((e.input_ids for e in r), []), sum(([IGNORE] + e.labels[1:] for e in r), [])) for r in rows]
+    batch = collate(flat, pad_id)
+    for i, r in enumerate(rows):
+        pos = 0
+        for j, e in enumerate(r, 1):
+            batch["attention_mask"][i, pos : pos + len(e.input_ids)] = j
+            pos += len(e.input_ids)
+    return batch

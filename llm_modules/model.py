@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 from .bridge import Bridge
 from .config import ModuleConfig
 from .io import atomic_dir
-from .source import KnowledgeSource, fingerprints_match, position_ids_from_mask
+from .source import KnowledgeSource, fingerprints_match, is_packed, packed_inputs, position_ids_from_mask
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "llm_module.json"
@@ -223,6 +223,9 @@ class LLMModule(nn.Module):
     ) -> ModuleOutput:
         """Logits [B, T, V] and, given labels, the mean shifted cross-entropy (ignore_index -100).
 
+        `attention_mask`: 0 = padding, 1 = token; packed rows number their examples 1, 2, ... and
+        no attention crosses an example boundary (in the source, the bridge and the trunk).
+
         `source_states` skips the knowledge source (e.g. features read from the cache).
         `loss_chunk_size` computes the loss in chunks of that many tokens, never holding the full
         [B, T, V] logits (set return_logits=False to get the memory benefit).
@@ -235,13 +238,18 @@ class LLMModule(nn.Module):
             labels = labels[:, :cut] if labels is not None else None
             source_states = source_states[:, :cut] if source_states is not None else None
         self.check_length(input_ids.shape[1])
+        packed = is_packed(attention_mask)
         if source_states is None:
             if self.source is None:
                 raise ValueError("this module has no knowledge source attached; pass source_states")
-            source_states, _ = self.source(input_ids, (attention_mask > 0).long())
+            source_states, _ = self.source(input_ids, attention_mask if packed else (attention_mask > 0).long())
         embeds = self.bridge(source_states, attention_mask)
-        valid = (attention_mask > 0).long()
-        hidden, _ = self.generation(embeds, valid, self.small_position_ids(valid))
+        if packed:
+            trunk_mask, positions = packed_inputs(attention_mask, embeds.dtype)
+        else:
+            trunk_mask = (attention_mask > 0).long()
+            positions = self.small_position_ids(trunk_mask)
+        hidden, _ = self.generation(embeds, trunk_mask, positions)
         out = ModuleOutput()
         if return_logits or (labels is not None and not loss_chunk_size):
             out.logits = self.generation.lm_head(hidden)

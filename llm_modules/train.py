@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from .data import Example, Formatter, collate, load_examples, split_examples
+from .data import Example, Formatter, collate, collate_packed, load_examples, pack_indices, split_examples
 from .evaluate import evaluate_loss
 from .fixtures import resolve
 from .io import atomic_write, atomic_write_text
@@ -77,6 +77,9 @@ class TrainConfig:
     seed: int = 0
     skip_bad_rows: bool = False
     """Skip and count malformed rows instead of stopping at the first."""
+    packing: bool = False
+    """Pack several short training examples into one row of up to max_length tokens (no attention
+    crosses an example boundary in the source, the bridge or the trunk)."""
     # optimisation
     epochs: int = 15
     max_steps: int = 0
@@ -321,15 +324,18 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
 
 
 # -- data ---------------------------------------------------------------------------------------
+def effective_max_length(cfg: TrainConfig, position_limit: int | None) -> int:
+    return min(cfg.max_length, position_limit) if position_limit else cfg.max_length
+
+
 def prepare_data(cfg: TrainConfig, tokenizer: Any, position_limit: int | None, log: Callable[[str], None] = print
                  ) -> tuple[list[Example], list[Example]]:
     """Load, format, length-filter and split; returns (train, validation)."""
     kw = {"system_prompt": cfg.system_prompt} if cfg.system_prompt is not None else {}
     fmt = Formatter(tokenizer, cfg.format, cfg.loss_on, **kw)
-    max_len = cfg.max_length
-    if position_limit is not None and position_limit < max_len:
-        log(f"max_length {max_len} exceeds the small trunk's {position_limit} positions: filtering at {position_limit}")
-        max_len = position_limit
+    max_len = effective_max_length(cfg, position_limit)
+    if max_len < cfg.max_length:
+        log(f"max_length {cfg.max_length} exceeds the small trunk's {position_limit} positions: filtering at {max_len}")
     data = [resolve(d) for d in ([cfg.data] if isinstance(cfg.data, str) else cfg.data)]
     examples, report = load_examples(data, fmt, max_length=max_len, skip_bad_rows=cfg.skip_bad_rows, split=cfg.data_split)
     if cfg.val_data:
@@ -430,9 +436,19 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
          {"params": groups["generation"], "lr": cfg.lr_small, "name": "generation"}],
         weight_decay=cfg.weight_decay,
     )
-    batches_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    def epoch_batches(ep: int) -> list[list[list[int]]]:
+        """Batches of units (an example, or a packed row of examples) in the order of epoch `ep`."""
+        order = epoch_order(len(train_ex), cfg.seed, ep)
+        if cfg.packing:
+            rows = pack_indices([len(train_ex[i].input_ids) for i in order], effective_max_length(cfg, limit))
+            units = [[order[j] for j in row] for row in rows]
+        else:
+            units = [[i] for i in order]
+        return [units[i : i + cfg.batch_size] for i in range(0, len(units), cfg.batch_size)]
+
+    steps_per_epoch = [math.ceil(len(epoch_batches(ep)) / cfg.grad_accum) for ep in range(cfg.epochs)] \
+        if cfg.packing else [math.ceil(math.ceil(len(train_ex) / cfg.batch_size) / cfg.grad_accum)] * cfg.epochs
+    total_steps = cfg.max_steps or sum(steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     autocast, scaler = autocast_setup(cfg.precision, device)
     pad_id = tokenizer.pad_token_id
@@ -485,16 +501,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     last_val_step = step if state is None and val_ex else -1
     done = step >= total_steps
     while not done:
-        order = epoch_order(len(train_ex), cfg.seed, epoch)
-        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        batches = epoch_batches(epoch)
         while batch_idx < len(batches):
             window = batches[batch_idx : batch_idx + cfg.grad_accum]
-            collated = [collate([train_ex[i] for i in b], pad_id) for b in window]
+            collated = [collate_packed([[train_ex[i] for i in u] for u in b], pad_id) if cfg.packing
+                        else collate([train_ex[u[0]] for u in b], pad_id) for b in window]
             n_tok = sum(int((c["labels"][:, 1:] != -100).sum()) for c in collated)
             loss_sum = 0.0
             for b, c in zip(window, collated):
                 c = {k: v.to(device) for k, v in c.items()}
-                src = features.batch([train_ex[i] for i in b], device) if features is not None else None
+                src = features.batch([[train_ex[i] for i in u] for u in b], device) if features is not None else None
                 with autocast():
                     out = module(c["input_ids"], c["attention_mask"], labels=c["labels"], source_states=src,
                                  return_logits=False, loss_chunk_size=cfg.loss_chunk_size or None)

@@ -151,3 +151,24 @@ def test_chunked_loss_equals_full_loss(build):
     m.zero_grad()
     chunked.loss.backward()
     torch.testing.assert_close(m.generation.lm_head.weight.grad, g_full, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("large,small", [("large_qwen2", "small_gpt_neo"), ("large_llama", "small_gpt2"), ("large_qwen2", "small_qwen2")])
+def test_packed_rows_equal_separate_examples(build, large, small):
+    from llm_modules.data import Example, collate, collate_packed
+
+    m = build(large, small).eval()
+    g = torch.Generator().manual_seed(5)
+    exs = [Example(t, t) for t in (torch.randint(10, 400, (n,), generator=g).tolist() for n in (20, 7, 11))]
+    packed = collate_packed([exs[:2], exs[2:]], pad_id=1)
+    assert packed["attention_mask"][0].tolist() == [1] * 20 + [2] * 7
+    plain = collate(exs, pad_id=1)
+    with torch.no_grad():
+        lp = m(packed["input_ids"], packed["attention_mask"]).logits
+        ls = m(plain["input_ids"], plain["attention_mask"]).logits
+        assert (lp[0, :20] - ls[0, :20]).abs().max() <= 1e-5
+        assert (lp[0, 20:27] - ls[1, :7]).abs().max() <= 1e-5
+        assert (lp[1, :11] - ls[2, :11]).abs().max() <= 1e-5
+        # The loss counts every target except each example's first token.
+        out = m(packed["input_ids"], packed["attention_mask"], labels=packed["labels"])
+    assert out.num_tokens == (20 - 1) + (7 - 1) + (11 - 1)

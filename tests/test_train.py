@@ -73,3 +73,10 @@ def test_numbers_are_coerced_and_wrong_types_named():
         TrainConfig.from_dict({"epochs": "many"})
     with pytest.raises(ValueError, match="key 'causal' must be bool"):
         TrainConfig.from_dict({"causal": "maybe"})
+
+
+def test_packing_trains_on_fewer_rows(cfg):
+    plain = train(cfg(epochs=1), log=lambda s: None)
+    packed = train(cfg(epochs=1, packing=True, output_dir=cfg().output_dir + "_p"), log=lambda s: None)
+    assert packed.steps < plain.steps / 2  # ~40-token examples packed into 256-token rows
+    assert packed.best_val_loss < 0.8 * packed.first_val_loss
