@@ -177,7 +177,30 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train, takes_extra=True)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_info, add_train, add_generate, add_chat]
+# -- convert-reference ------------------------------------------------------------------------
+def cmd_convert_reference(args: argparse.Namespace) -> None:
+    from .convert import convert_reference
+
+    convert_reference(args.checkpoint, args.large, args.out, small=args.small, num_heads=args.num_heads,
+                      source_dtype=args.source_dtype)
+
+
+def add_convert_reference(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert-reference", help="import a reference-implementation checkpoint",
+                       description="Convert the reference code's model_checkpoint.pth (a torch.save dict with "
+                                   "model_state_dict) to an llm-modules folder with reference_compat on. Loaded with "
+                                   "weights_only=True: no pickled code runs. The frozen Qwen2 weights are checked "
+                                   "against --large and not stored.")
+    p.add_argument("checkpoint", help="path of model_checkpoint.pth")
+    p.add_argument("--large", default="Qwen/Qwen2-1.5B", help="the knowledge source it was trained with (default Qwen/Qwen2-1.5B)")
+    p.add_argument("--small", default="EleutherAI/gpt-neo-125M", help="config of its GPT-Neo trunk (default EleutherAI/gpt-neo-125M)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-heads", type=int, default=8, help="bridge heads (the reference used 8)")
+    p.add_argument("--source-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_convert_reference)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_info, add_train, add_generate, add_chat, add_convert_reference]
 
 
 def build_parser() -> argparse.ArgumentParser:
