@@ -165,6 +165,23 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     train(cfg, resume=args.resume)
 
 
+def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:
+    from .train import TrainConfig, build_feature_cache, parse_overrides
+
+    cfg = TrainConfig.from_yaml(args.config, parse_overrides(extra))
+    cache = build_feature_cache(cfg)
+    print(f"feature cache ready: {cache.folder} ({len(cache.locs)} examples)")
+
+
+def add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="run the knowledge source once and store its states for training",
+                       description="Build the frozen-feature cache of a recipe (what `train` does first when "
+                                   "feature_cache: true). Interrupted builds resume; stale or damaged caches are rebuilt. "
+                                   "Recipe keys can be overridden as --key value.")
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.set_defaults(func=cmd_cache, takes_extra=True)
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
     from .train import TrainConfig
 
@@ -200,7 +217,7 @@ def add_convert_reference(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert_reference)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_info, add_train, add_generate, add_chat, add_convert_reference]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_info, add_train, add_cache, add_generate, add_chat, add_convert_reference]
 
 
 def build_parser() -> argparse.ArgumentParser:

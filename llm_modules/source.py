@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import torch
@@ -52,23 +53,71 @@ def packed_inputs(segment_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tens
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min), positions
 
 
-def fingerprint(model: PreTrainedModel, name: str, samples: int = 3, elems: int = 65536) -> dict[str, Any]:
-    """Identify a knowledge source: its name, a hash of its config and of a few weight tensors.
+def _config_hash(config: Any) -> str:
+    cfg = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_KEYS}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
-    Weights are hashed in bf16 so the same checkpoint loaded in fp32 or bf16 matches.
+
+def _picked_names(names: list[str]) -> list[str]:
+    names = sorted(names)
+    return [names[i] for i in sorted({0, len(names) // 2, len(names) - 1})] if names else []
+
+
+def _hash_tensor(h: Any, name: str, shape: tuple[int, ...], t: Tensor, elems: int) -> None:
+    h.update(f"{name}:{tuple(shape)}".encode())
+    flat = t.detach().reshape(-1)[:elems].to("cpu", torch.bfloat16).view(torch.int16)
+    h.update(flat.numpy().tobytes())
+
+
+def fingerprint(model: PreTrainedModel, name: str, elems: int = 65536) -> dict[str, Any]:
+    """Identify a knowledge source: its name, a hash of its config and of three of its weight tensors.
+
+    Weights are hashed in bf16 so the same checkpoint loaded in fp32 or bf16 matches; the same
+    value comes from `fingerprint_from_files` without loading the model.
     """
-    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _RUNTIME_KEYS}
-    config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
-    params = [(n, p) for n, p in model.named_parameters()]
-    picks = sorted({0, len(params) // 2, len(params) - 1}) if params else []
+    params = dict(model.named_parameters())
     h = hashlib.sha256()
-    for i in picks[:samples]:
-        n, p = params[i]
-        h.update(f"{n}:{tuple(p.shape)}".encode())
-        if p.device.type != "meta":
-            flat = p.detach().reshape(-1)[:elems].to("cpu", torch.bfloat16).view(torch.int16)
-            h.update(flat.numpy().tobytes())
-    return {"model": name, "config_sha256": config_hash, "weights_sha256": h.hexdigest()}
+    for n in _picked_names(list(params)):
+        _hash_tensor(h, n, tuple(params[n].shape), params[n], elems)
+    return {"model": name, "config_sha256": _config_hash(model.config), "weights_sha256": h.hexdigest()}
+
+
+def fingerprint_from_files(name: str, elems: int = 65536) -> dict[str, Any] | None:
+    """`fingerprint` of a saved causal LM read from its safetensors files: only three tensors are read.
+
+    Returns None when the checkpoint is not in safetensors form (then load the model instead).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    config = AutoConfig.from_pretrained(name)
+    index = cached_file(name, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        weight_map = json.loads(open(index, encoding="utf-8").read())["weight_map"]
+        folder = os.path.dirname(index)
+        where = {k: os.path.join(folder, f) for k, f in weight_map.items()}
+    else:
+        single = cached_file(name, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        if not single:
+            return None
+        with safe_open(single, framework="pt") as f:
+            where = {k: single for k in f.keys()}
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config).base_model
+    prefix = base.base_model_prefix + "."
+    h = hashlib.sha256()
+    for n in _picked_names([n for n, _ in base.named_parameters()]):
+        key = prefix + n if prefix + n in where else n
+        if key not in where:
+            return None
+        with safe_open(where[key], framework="pt") as f:
+            sl = f.get_slice(key)
+            shape = tuple(sl.get_shape())
+            # Read only the leading rows that hold the first `elems` values.
+            row = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+            _hash_tensor(h, n, shape, sl[: -(-elems // row)], elems)
+    return {"model": name, "config_sha256": _config_hash(config), "weights_sha256": h.hexdigest()}
 
 
 def fingerprints_match(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -28,6 +28,7 @@ from .evaluate import evaluate_loss
 from .fixtures import resolve
 from .io import atomic_write, atomic_write_text
 from .model import LLMModule
+from .source import fingerprints_match
 
 STATE_NAME = "trainer_state.pt"
 
@@ -427,6 +428,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         from .features import FeatureCache
 
         features = FeatureCache.for_training(cfg, train_ex + val_ex, tokenizer, log=log)
+        if module.config.fingerprint and not fingerprints_match(module.config.fingerprint, features.fingerprint):
+            raise ValueError(f"{cfg.init_from or last_dir}: was trained against a different knowledge source "
+                             f"than {large!r}, whose features are cached")
+        module.config.fingerprint = features.fingerprint  # no source loaded: record what the features came from
     module.to(device)
     if cfg.gradient_checkpointing:
         module.generation.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -566,3 +571,20 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     log(f"done: {step} steps; best validation loss {best if best is None else round(best, 4)}; "
         f"checkpoints in {best_dir} and {last_dir}")
     return TrainResult(str(out_dir), step, best, first_val, stopped_early, records)
+
+
+def build_feature_cache(cfg: TrainConfig, log: Callable[[str], None] = print) -> Any:
+    """`llm-modules cache`: run the knowledge source once over the recipe's filtered, split data."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .features import FeatureCache
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.large_model))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    limit = None
+    if not cfg.init_from:  # a converted reference module is cut, not filtered, at its limit
+        small = AutoConfig.from_pretrained(resolve(cfg.small_model))
+        limit = getattr(small, "max_position_embeddings", None) or getattr(small, "n_positions", None)
+    train_ex, val_ex = prepare_data(cfg, tokenizer, limit, log)
+    return FeatureCache.for_training(cfg, train_ex + val_ex, tokenizer, log=log)

@@ -1,0 +1,280 @@
+"""Frozen-feature cache: run the knowledge source once over a dataset, train many epochs from disk.
+
+Layout of a cache folder:
+    index.json          key (what the features depend on), shards, their sha256, example -> location
+    shard-00000.safetensors ...  "states": [tokens, L] in fp16/bf16, examples laid end to end
+
+The key covers the source's fingerprint, the token ids of every example (so the dataset content,
+the tokenizer, the prompt format and the length filter), the layer read and the storage dtype. A
+mismatch rebuilds; stale features are never used. Each shard is written atomically and checked
+against its sha256 when opened, so an interrupted build resumes and a damaged shard is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .data import Example, collate
+from .io import atomic_write, atomic_write_text
+from .source import KnowledgeSource, fingerprint_from_files, torch_dtype
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+INDEX = "index.json"
+PROGRESS = "progress.json"
+
+
+def example_id(e: Example) -> str:
+    return hashlib.sha1(torch.tensor(e.input_ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
+
+
+def dataset_hash(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(example_id(e).encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(source_fp: dict[str, Any], examples: Sequence[Example], layer: int, dtype: str,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"source_config": source_fp["config_sha256"], "source_weights": source_fp["weights_sha256"],
+            "data": dataset_hash(examples), "layer": layer, "dtype": dtype, **(extra or {})}
+
+
+@dataclass
+class _Loc:
+    shard: int
+    start: int
+    length: int
+
+
+class FeatureCache:
+    """Read side: features of cached examples, padded into batches."""
+
+    def __init__(self, folder: Path, index: dict[str, Any]):
+        self.folder = folder
+        self.index = index
+        self.locs = {eid: _Loc(*v) for eid, v in index["examples"].items()}
+        self._files: dict[int, Any] = {}
+        self.fingerprint: dict[str, Any] | None = None  # of the source the features came from
+
+    # -- build ----------------------------------------------------------------------------
+    @staticmethod
+    def estimate_bytes(examples: Sequence[Example], hidden: int, dtype: str) -> int:
+        return sum(len(e.input_ids) for e in examples) * hidden * torch.tensor([], dtype=torch_dtype(dtype)).element_size()
+
+    @classmethod
+    def build(
+        cls,
+        folder: str | os.PathLike,
+        examples: Sequence[Example],
+        key: dict[str, Any],
+        source: KnowledgeSource | Callable[[], KnowledgeSource],
+        *,
+        dtype: str = "float16",
+        shard_tokens: int = 1 << 20,
+        batch_size: int = 8,
+        pad_id: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        log: Callable[[str], None] = print,
+    ) -> "FeatureCache | None":
+        """Compute and store the features; resumes finished shards. Under several processes each
+        rank writes shards rank, rank + world, ...; rank 0 then writes the index (returns None
+        on the other ranks: call `open` after a barrier)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        uniq: dict[str, Example] = {}
+        for e in examples:
+            uniq.setdefault(example_id(e), e)
+        ids = list(uniq)
+        plan: list[list[str]] = [[]]
+        used = 0
+        for eid in ids:
+            n = len(uniq[eid].input_ids)
+            if plan[-1] and used + n > shard_tokens:
+                plan.append([])
+                used = 0
+            plan[-1].append(eid)
+            used += n
+        progress_path = folder / PROGRESS
+        progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+        if progress.get("key") != key or progress.get("plan") != plan:
+            progress = {"key": key, "plan": plan, "done": {}}
+            for old in folder.glob("shard-*.safetensors"):
+                old.unlink()
+            if rank == 0:
+                atomic_write_text(progress_path, json.dumps(progress))
+        src = None
+        for s, members in enumerate(plan):
+            if s % world_size != rank:
+                continue
+            path = folder / f"shard-{s:05d}.safetensors"
+            done = progress["done"].get(str(s))
+            if done and path.exists() and file_sha256(path) == done:
+                continue  # finished in an earlier, interrupted build
+            if src is None:
+                src = source() if callable(source) and not isinstance(source, KnowledgeSource) else source
+                hidden = src.hidden_size
+                need = cls.estimate_bytes([uniq[i] for i in ids], hidden, dtype)
+                free = shutil.disk_usage(folder).free
+                log(f"feature cache: {len(ids)} examples, {need / 2**20:.1f} MiB in {dtype}, {len(plan)} shard(s) at {folder}")
+                if need > free * 0.95:
+                    raise OSError(f"{folder}: the feature cache needs {need / 2**30:.2f} GiB but only "
+                                  f"{free / 2**30:.2f} GiB is free; free space or set cache_dir elsewhere")
+            states = _run_source(src, [uniq[i] for i in members], batch_size, pad_id, torch_dtype(dtype))
+            atomic_write(path, lambda tmp: save_file({"states": states}, tmp))
+            progress["done"][str(s)] = file_sha256(path)
+            if world_size == 1:
+                atomic_write_text(progress_path, json.dumps(progress))
+            else:
+                atomic_write_text(folder / f"done-{s:05d}.json", json.dumps({"sha256": progress["done"][str(s)]}))
+        if rank != 0:
+            return None
+        return None if world_size > 1 else cls._write_index(folder, key, plan, uniq, progress["done"], dtype)
+
+    @classmethod
+    def finish(cls, folder: str | os.PathLike, examples: Sequence[Example], key: dict[str, Any], dtype: str) -> "FeatureCache":
+        """Rank 0, after every rank's `build`: gather the shard checksums and write the index."""
+        folder = Path(folder)
+        progress = json.loads((folder / PROGRESS).read_text())
+        for f in folder.glob("done-*.json"):
+            progress["done"][str(int(f.stem.split("-")[1]))] = json.loads(f.read_text())["sha256"]
+        uniq: dict[str, Example] = {}
+        for e in examples:
+            uniq.setdefault(example_id(e), e)
+        return cls._write_index(folder, key, progress["plan"], uniq, progress["done"], dtype)
+
+    @classmethod
+    def _write_index(cls, folder: Path, key: dict[str, Any], plan: list[list[str]], uniq: dict[str, Example],
+                     done: dict[str, str], dtype: str) -> "FeatureCache":
+        locs: dict[str, list[int]] = {}
+        for s, members in enumerate(plan):
+            start = 0
+            for eid in members:
+                n = len(uniq[eid].input_ids)
+                locs[eid] = [s, start, n]
+                start += n
+        index = {"key": key, "dtype": dtype, "shards": [{"file": f"shard-{s:05d}.safetensors", "sha256": done[str(s)]}
+                                                        for s in range(len(plan))], "examples": locs}
+        atomic_write_text(folder / INDEX, json.dumps(index))
+        return cls(folder, index)
+
+    # -- open -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder: str | os.PathLike, key: dict[str, Any], verify: bool = True) -> "FeatureCache | None":
+        """The cache at `folder` if its key matches and every shard passes its checksum, else None."""
+        folder = Path(folder)
+        try:
+            index = json.loads((folder / INDEX).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if index.get("key") != key:
+            return None
+        if verify:
+            for sh in index["shards"]:
+                p = folder / sh["file"]
+                if not p.exists() or file_sha256(p) != sh["sha256"]:
+                    return None
+        return cls(folder, index)
+
+    def missing(self, examples: Sequence[Example]) -> int:
+        return sum(example_id(e) not in self.locs for e in examples)
+
+    def _file(self, shard: int) -> Any:
+        if shard not in self._files:
+            self._files[shard] = safe_open(str(self.folder / self.index["shards"][shard]["file"]), framework="pt")
+        return self._files[shard]
+
+    def states(self, e: Example) -> Tensor:
+        loc = self.locs.get(example_id(e))
+        if loc is None:
+            raise KeyError(f"example {e.where or '?'} is not in the feature cache at {self.folder}")
+        return self._file(loc.shard).get_slice("states")[loc.start : loc.start + loc.length]
+
+    def batch(self, rows: Sequence[Example | Sequence[Example]], device: torch.device | str = "cpu") -> Tensor:
+        """Source states [B, T, L] for a batch laid out as `collate` / `collate_packed` lay it (right padding)."""
+        seqs = [torch.cat([self.states(e) for e in (r if isinstance(r, (list, tuple)) else [r])]) for r in rows]
+        T = max(s.shape[0] for s in seqs)
+        out = seqs[0].new_zeros(len(seqs), T, seqs[0].shape[1])
+        for i, s in enumerate(seqs):
+            out[i, : s.shape[0]] = s
+        return out.to(device)
+
+    # -- training entry point -------------------------------------------------------------
+    @classmethod
+    def for_training(cls, cfg: "TrainConfig", examples: Sequence[Example], tokenizer: Any,
+                     log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
+                     barrier: Callable[[], None] | None = None) -> "FeatureCache":
+        """Open the cache for this run's data, building (or rebuilding) it when absent or stale."""
+        from .fixtures import resolve
+
+        large = resolve(cfg.large_model)
+        fp = fingerprint_from_files(large)
+        if fp is None:
+            fp = KnowledgeSource.from_pretrained(large, cfg.source_dtype, cfg.source_layer).fingerprint()
+        extra = {"format": cfg.format, "loss_on": cfg.loss_on, "max_length": cfg.max_length,
+                 "source_dtype": cfg.source_dtype}
+        key = cache_key(fp, examples, cfg.source_layer, cfg.cache_dtype, extra)
+        folder = Path(cfg.cache_dir or Path(cfg.output_dir) / "features")
+        cache = cls.open(folder, key)
+        if cache is not None and not cache.missing(examples):
+            log(f"feature cache: using {folder} ({len(cache.locs)} examples); the knowledge source is not loaded")
+            cache.fingerprint = fp
+            return cache
+        if (folder / INDEX).exists():
+            log(f"feature cache at {folder} is stale or damaged: rebuilding")
+            if rank == 0:
+                (folder / INDEX).unlink()
+        load = lambda: KnowledgeSource.from_pretrained(large, cfg.source_dtype, cfg.source_layer)  # noqa: E731
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        cache = cls.build(folder, examples, key, load, dtype=cfg.cache_dtype, pad_id=pad, rank=rank,
+                          world_size=world_size, log=log)
+        if world_size > 1:
+            if barrier is None:
+                raise ValueError("a distributed feature-cache build needs a barrier")
+            barrier()
+            if rank == 0:
+                cls.finish(folder, examples, key, cfg.cache_dtype)
+            barrier()
+            cache = cls.open(folder, key)
+            if cache is None:
+                raise RuntimeError(f"{folder}: feature cache incomplete after the distributed build")
+        cache.fingerprint = fp
+        return cache
+
+
+@torch.no_grad()
+def _run_source(source: KnowledgeSource, examples: Sequence[Example], batch_size: int, pad_id: int,
+                dtype: torch.dtype) -> Tensor:
+    """States of `examples` laid end to end: [sum of lengths, L]. Batches of similar length waste little padding."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out: list[Tensor | None] = [None] * len(examples)
+    device = next(source.parameters()).device
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        b = collate([examples[j] for j in idx], pad_id)
+        h, _ = source(b["input_ids"].to(device), b["attention_mask"].to(device))
+        for row, j in enumerate(idx):
+            out[j] = h[row, : len(examples[j].input_ids)].to("cpu", dtype)
+    return torch.cat(out)  # type: ignore[arg-type]

@@ -1,0 +1,120 @@
+import json
+from collections import namedtuple
+
+import pytest
+import torch
+
+from llm_modules import features as F_
+from llm_modules.data import Formatter, parse_row
+from llm_modules.features import FeatureCache, cache_key
+from llm_modules.fixtures import arith_rows
+from llm_modules.source import KnowledgeSource, fingerprint_from_files
+from llm_modules.train import TrainConfig, train
+
+
+@pytest.fixture
+def cfg(fx, tmp_path):
+    data = tmp_path / "arith.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in arith_rows(80, seed=2)))
+
+    def make(**kw):
+        base = dict(large_model=fx["large_qwen2"], small_model=fx["small_gpt_neo"], source_dtype="float32",
+                    num_heads=4, adapter_dim=16, data=str(data), epochs=2, batch_size=8, lr_bridge=3e-3,
+                    lr_small=3e-3, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                    progress=False, tensorboard=False, log_every=1, dropout=0.0)
+        base.update(kw)
+        return TrainConfig.from_dict(base)
+
+    return make
+
+
+def _losses(r):
+    return [x["loss"] for x in r.records if "loss" in x], [x["val_loss"] for x in r.records if "val_loss" in x]
+
+
+def test_training_from_cache_matches_live_and_never_loads_the_source(cfg, tmp_path, monkeypatch):
+    live = train(cfg(output_dir=str(tmp_path / "live")), log=lambda s: None)
+    cached = train(cfg(feature_cache=True), log=lambda s: None)  # builds the cache, then trains from it
+    (lt, lv), (ct, cv) = _losses(live), _losses(cached)
+    assert len(lt) == len(ct) and max(abs(a - b) for a, b in zip(lt, ct)) <= 2e-3
+    assert max(abs(a - b) for a, b in zip(lv, cv)) <= 2e-3
+
+    def boom(*a, **k):
+        raise AssertionError("the knowledge source was loaded")
+
+    monkeypatch.setattr(KnowledgeSource, "from_pretrained", boom)
+    logs = []
+    again = train(cfg(feature_cache=True, output_dir=str(tmp_path / "again")), log=logs.append)
+    assert _losses(again) == (ct, cv)
+    assert any("the knowledge source is not loaded" in s for s in logs)
+
+
+def _examples(fx, n, seed=0):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fx["large_qwen2"])
+    f = Formatter(tok)
+    return [f.encode(parse_row(r, f"row {i}")) for i, r in enumerate(arith_rows(n, seed))]
+
+
+def test_stale_key_rebuilds(cfg, fx, tmp_path):
+    logs = []
+    train(cfg(feature_cache=True, epochs=1), log=logs.append)
+    assert any("feature cache: " in s and "MiB" in s for s in logs)
+    logs.clear()
+    train(cfg(feature_cache=True, epochs=1, format="chat_template"), log=logs.append)
+    assert any("stale or damaged: rebuilding" in s for s in logs)
+    logs.clear()
+    train(cfg(feature_cache=True, epochs=1, large_model=fx["large_llama"]), log=logs.append)
+    assert any("stale or damaged: rebuilding" in s for s in logs)
+
+
+def test_interrupted_build_resumes_and_corrupt_shard_is_rebuilt(fx, tmp_path, monkeypatch):
+    exs = _examples(fx, 60)
+    src = KnowledgeSource.from_pretrained(fx["large_qwen2"], "float32")
+    key = cache_key(fingerprint_from_files(fx["large_qwen2"]), exs, -1, "float16")
+    calls = []
+    fail = [True]
+    real = F_._run_source
+
+    def flaky(source, examples, *a):
+        calls.append(len(examples))
+        if fail[0] and len(calls) == 3:
+            raise RuntimeError("killed")  # killed while computing the third shard
+        return real(source, examples, *a)
+
+    monkeypatch.setattr(F_, "_run_source", flaky)
+    with pytest.raises(RuntimeError, match="killed"):
+        FeatureCache.build(tmp_path, exs, key, src, shard_tokens=300, log=lambda s: None)
+    assert FeatureCache.open(tmp_path, key) is None
+    n_shards = len(json.loads((tmp_path / "progress.json").read_text())["plan"])
+    assert n_shards > 3
+    calls.clear()
+    fail[0] = False
+    cache = FeatureCache.build(tmp_path, exs, key, src, shard_tokens=300, log=lambda s: None)
+    assert len(calls) == n_shards - 2  # the two finished shards were not redone
+    # features equal a live forward within fp16 rounding
+    h, _ = src(torch.tensor([exs[5].input_ids]))
+    assert (cache.states(exs[5]).float() - h[0]).abs().max() <= 2e-3 * h.abs().max()
+    # damage one shard: open() notices the checksum, build() redoes only that shard
+    shard = tmp_path / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert FeatureCache.open(tmp_path, key) is None
+    calls.clear()
+    FeatureCache.build(tmp_path, exs, key, src, shard_tokens=300, log=lambda s: None)
+    assert len(calls) == 1 and FeatureCache.open(tmp_path, key) is not None
+
+
+def test_refuses_when_disk_is_short(fx, tmp_path, monkeypatch):
+    exs = _examples(fx, 10)
+    key = cache_key(fingerprint_from_files(fx["large_qwen2"]), exs, -1, "float16")
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(F_.shutil, "disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
+    src = KnowledgeSource.from_pretrained(fx["large_qwen2"], "float32")
+    with pytest.raises(OSError, match="the feature cache needs .* GiB but only .* GiB is free"):
+        FeatureCache.build(tmp_path, exs, key, src, log=lambda s: None)
+
+
+def test_fingerprint_from_files_equals_loaded(fx):
+    for name in ("large_qwen2", "large_llama"):
+        assert fingerprint_from_files(fx[name]) == KnowledgeSource.from_pretrained(fx[name], "bfloat16").fingerprint()
