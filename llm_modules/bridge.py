@@ -66,6 +66,10 @@ class CrossAttention(nn.Module):
         self.k_proj = nn.Linear(source_dim, stream_dim)
         self.v_proj = nn.Linear(source_dim, stream_dim)
         self.out_proj = nn.Linear(stream_dim, stream_dim)
+        # A key bias adds q.b to every score of a query alike, which softmax cancels: its gradient is
+        # exactly zero and Adam would only amplify rounding noise. Kept (reference checkpoints carry
+        # it) but not trained.
+        self.k_proj.bias.requires_grad_(False)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, D = x.shape

@@ -162,7 +162,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     from .train import TrainConfig, parse_overrides, train
 
     cfg = TrainConfig.from_yaml(args.config, parse_overrides(extra))
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, stop_after=args.stop_after)
 
 
 def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:
@@ -191,7 +191,94 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                                    f"Keys: {keys}.")
     p.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last (optimiser, schedule, RNG and data order included)")
+    p.add_argument("--stop-after", type=int, help="stop after N optimiser steps of this call, saving `last` (continue with --resume)")
     p.set_defaults(func=cmd_train, takes_extra=True)
+
+
+# -- demo / eval / compare --------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick(seed=args.seed, out=args.out) if args.quick else DemoConfig(seed=args.seed, out=args.out)
+    if args.cache_dir:
+        cfg.cache_dir = args.cache_dir
+    cfg.threads = args.threads
+    run_demo(cfg)
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiment (CPU, no downloads, < 15 min)",
+                       description="Generate a synthetic knowledge world, pretrain a small 'large' model on its facts and a "
+                                   "small model on general text, then compare the LLM Module with the paper's baselines "
+                                   "(small fine-tuned, small from scratch, distillation, large alone) on held-out entities. "
+                                   "Writes report.md, results.json and PNG plots to --out.")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--seed", type=int, default=0, help="world and training seed (default 0)")
+    p.add_argument("--cache-dir", help="where pretrained demo models are kept (default ~/.cache/llm-modules/demo)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke version (numbers are meaningless)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_dataset
+
+    module = _load_module(args)
+    r = evaluate_dataset(module, args.data, None if args.format == "auto" else args.format, args.max_new_tokens,
+                         args.batch_size, args.limit, args.skip_bad_rows)
+    print(f"{args.data}: {r['rows']} rows   loss {r['loss']:.4f}   perplexity {r['perplexity']:.3f}   "
+          f"exact match {r['exact_match']:.1%}")
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity and exact match of a saved module on a dataset",
+                       description="Teacher-forced loss / perplexity on the assistant answers, and exact match of the "
+                                   "greedy answer between the solution markers against the reference answer.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="hub dataset or local .json/.jsonl/.parquet (either schema)")
+    p.add_argument("--format", default="auto", choices=["auto", "paper", "chat_template"])
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="evaluate the first N rows only")
+    p.add_argument("--skip-bad-rows", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .data import build_prompt
+    from .evaluate import answer_prompts, extract_answer, load_any
+
+    try:
+        prompts = [ln.strip() for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{args.prompts}: cannot read prompts ({e})") from None
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts (one per line)")
+    rows = {}
+    for name in args.models:
+        model = load_any(name)
+        fmt = args.format
+        if fmt == "auto":
+            fmt = model.config.extra.get("format", "raw") if hasattr(model, "bridge") else "raw"
+        texts = [build_prompt(model.tokenizer, fmt, p) for p in prompts]
+        rows[name] = [extract_answer(a) if "<|begin_of_solution|>" in a else " ".join(a.split())
+                      for a in answer_prompts(model, texts, args.max_new_tokens)]
+    for i, p in enumerate(prompts):
+        print(f"## {p}")
+        for name in args.models:
+            print(f"  {name}: {rows[name][i]}")
+
+
+def add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="answers of several models side by side",
+                       description="Greedy answers of several saved modules (or plain causal LMs) to the prompts of a file, one per line.")
+    p.add_argument("--models", nargs="+", required=True, help="llm-modules folders or causal LM ids/paths")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--format", default="auto", choices=["auto", "raw", "paper", "chat_template"])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_compare)
 
 
 # -- convert-reference ------------------------------------------------------------------------
@@ -217,7 +304,7 @@ def add_convert_reference(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert_reference)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_info, add_train, add_cache, add_generate, add_chat, add_convert_reference]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_info, add_train, add_cache, add_generate, add_chat, add_eval, add_compare, add_convert_reference]
 
 
 def build_parser() -> argparse.ArgumentParser:

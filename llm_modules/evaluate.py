@@ -52,3 +52,81 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
         return 0.0
     hits = sum(extract_answer(p).lower() == extract_answer(r).lower() for p, r in zip(predictions, references))
     return hits / len(references)
+
+
+def load_any(path: str) -> Any:
+    """An LLM Module folder, or any transformers causal LM (id or path) for comparison."""
+    import os
+
+    from .model import CONFIG_NAME, LLMModule
+
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return LLMModule.from_pretrained(path).eval()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model.tokenizer = AutoTokenizer.from_pretrained(path)
+    return model
+
+
+@torch.no_grad()
+def answer_prompts(model: Any, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
+                   stop_strings: Sequence[str] = ("<|end_of_solution|>",)) -> list[str]:
+    """Greedy answers of an LLM Module or a plain causal LM to already formatted prompts."""
+    tok = model.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
+            ids, mask = enc.input_ids, enc.attention_mask
+            if hasattr(model, "bridge"):
+                gen = model.generate(ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
+                                     stop_strings=list(stop_strings))
+            else:
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            for row in tok.batch_decode(gen[:, ids.shape[1]:].cpu(), skip_special_tokens=False):
+                row = row.split(tok.eos_token)[0] if tok.eos_token else row
+                for s in stop_strings:
+                    if s in row:
+                        row = row[: row.index(s) + len(s)]
+                out.append(row)
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def evaluate_dataset(module: Any, data: str, fmt: str | None = None, max_new_tokens: int = 256,
+                     batch_size: int = 8, limit: int | None = None, skip_bad_rows: bool = False) -> dict[str, float]:
+    """Perplexity on the answers (teacher-forced) and exact match of generated answers, for any supported dataset."""
+    from .data import Formatter, build_prompt, iter_rows, parse_row, DataError
+
+    fmt = fmt or module.config.extra.get("format", "paper")
+    formatter = Formatter(module.tokenizer, fmt, "assistant")
+    convs = []
+    for where, row in iter_rows(data):
+        try:
+            convs.append(parse_row(row, where))
+        except DataError:
+            if not skip_bad_rows:
+                raise
+        if limit and len(convs) >= limit:
+            break
+    if not convs:
+        raise ValueError(f"{data}: no rows to evaluate")
+    examples = [formatter.encode(c) for c in convs]
+    pad = module.tokenizer.pad_token_id if module.tokenizer.pad_token_id is not None else module.tokenizer.eos_token_id
+    loss = evaluate_loss(module, examples, batch_size, pad)
+    prompts, refs = [], []
+    for c in convs:
+        last = max(i for i, (r, _) in enumerate(c.turns) if r == "assistant")
+        history, question = c.turns[: last - 1], c.turns[last - 1][1]
+        prompts.append(build_prompt(module.tokenizer, fmt, question, history, c.system))
+        refs.append(c.turns[last][1])
+    preds = answer_prompts(module, prompts, max_new_tokens, batch_size)
+    return {"rows": len(convs), "loss": loss["loss"], "perplexity": loss["perplexity"],
+            "exact_match": exact_match(preds, refs)}

@@ -272,14 +272,19 @@ class LLMModule(nn.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
     # -- save / load ----------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike, write_extra: Callable[[Path], None] | None = None) -> None:
+    def save_pretrained(self, path: str | os.PathLike, write_extra: Callable[[Path], None] | None = None,
+                        state_dict: dict[str, Tensor] | None = None) -> None:
         """Write llm_module.json, ONE model.safetensors (trainable weights only) and the tokenizer, atomically.
 
-        `write_extra(folder)` may add files (e.g. trainer state) inside the same atomic write.
+        `write_extra(folder)` may add files (e.g. trainer state) inside the same atomic write;
+        `state_dict` replaces our own (e.g. one gathered from FSDP or DeepSpeed shards).
         """
         if self.source is not None:
             self.config.fingerprint = self.source.fingerprint()
-        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        keep = self.trainable_state_dict()
+        if state_dict is not None:
+            keep = {k: state_dict[k] for k in keep}
+        state = {k: v.detach().contiguous().cpu() for k, v in keep.items()}
         with atomic_dir(path) as tmp:
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "llm-modules"})
             (tmp / CONFIG_NAME).write_text(self.config.to_json_string(), encoding="utf-8")

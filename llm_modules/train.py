@@ -209,26 +209,6 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_setup(precision: str, device: torch.device) -> tuple[Callable[[], Any], torch.amp.GradScaler | None]:
-    """(autocast context factory, grad scaler or None) for the chosen precision."""
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext, None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
-
-
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -385,17 +365,34 @@ def build_module(cfg: TrainConfig, tokenizer: Any = None, load_source: bool = Tr
     return LLMModule.build(large, small, tokenizer=tokenizer, **cfg.module_kwargs())
 
 
+def _mixed_precision(precision: str, use_cpu: bool) -> str:
+    """Accelerate's mixed_precision for our `precision` option."""
+    if precision == "auto":
+        if use_cpu or not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
           log: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) a training run; returns where it wrote and what it measured.
 
-    `stop_after` ends the run after that many optimiser steps in this call, as a kill would
-    (used to test exact resume).
+    Runs on one device, or on several processes under `accelerate launch` / `torchrun` (DDP: each
+    rank takes its share of every global batch of batch_size x world_size units; the frozen source
+    is replicated and never takes part in gradient synchronisation). Checkpoints are written by the
+    main process and resume at any world size. `stop_after` ends the run after that many optimiser
+    steps in this call, as a kill would (used to test exact resume).
     """
+    from accelerate import Accelerator
     from transformers import AutoTokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=_mixed_precision(cfg.precision, use_cpu), cpu=use_cpu)
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    say = log if main else (lambda s: None)
     out_dir = Path(cfg.output_dir)
     last_dir, best_dir = out_dir / "last", out_dir / "best"
     state = None
@@ -405,8 +402,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         state = torch.load(last_dir / STATE_NAME, weights_only=False)
         changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if state["config"].get(k) != v)
         if changed:
-            log(f"resuming with changed options: {', '.join(changed)}")
-    device = pick_device(cfg.device)
+            say(f"resuming with changed options: {', '.join(changed)}")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -423,16 +419,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         module = build_module(cfg, tokenizer, load_source=not cfg.feature_cache)
     module.config.extra.update({"format": cfg.format, "loss_on": cfg.loss_on})
     limit = None if module.config.reference_compat else module.generation.position_limit
-    train_ex, val_ex = prepare_data(cfg, tokenizer, limit, log)
+    train_ex, val_ex = prepare_data(cfg, tokenizer, limit, say)
     if cfg.feature_cache:
         from .features import FeatureCache
 
-        features = FeatureCache.for_training(cfg, train_ex + val_ex, tokenizer, log=log)
+        features = FeatureCache.for_training(cfg, train_ex + val_ex, tokenizer, log=say, rank=rank,
+                                             world_size=world, barrier=acc.wait_for_everyone)
         if module.config.fingerprint and not fingerprints_match(module.config.fingerprint, features.fingerprint):
             raise ValueError(f"{cfg.init_from or last_dir}: was trained against a different knowledge source "
                              f"than {large!r}, whose features are cached")
         module.config.fingerprint = features.fingerprint  # no source loaded: record what the features came from
-    module.to(device)
     if cfg.gradient_checkpointing:
         module.generation.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = module.param_groups()
@@ -441,55 +437,100 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
          {"params": groups["generation"], "lr": cfg.lr_small, "name": "generation"}],
         weight_decay=cfg.weight_decay,
     )
-    def epoch_batches(ep: int) -> list[list[list[int]]]:
-        """Batches of units (an example, or a packed row of examples) in the order of epoch `ep`."""
-        order = epoch_order(len(train_ex), cfg.seed, ep)
-        if cfg.packing:
-            rows = pack_indices([len(train_ex[i].input_ids) for i in order], effective_max_length(cfg, limit))
-            units = [[order[j] for j in row] for row in rows]
-        else:
-            units = [[i] for i in order]
-        return [units[i : i + cfg.batch_size] for i in range(0, len(units), cfg.batch_size)]
+    if world > 1 and module.source is not None:
+        # The frozen source is identical on every rank: keep it out of DDP's start-up broadcast.
+        from torch.nn.parallel import DistributedDataParallel
 
-    steps_per_epoch = [math.ceil(len(epoch_batches(ep)) / cfg.grad_accum) for ep in range(cfg.epochs)] \
-        if cfg.packing else [math.ceil(math.ceil(len(train_ex) / cfg.batch_size) / cfg.grad_accum)] * cfg.epochs
-    total_steps = cfg.max_steps or sum(steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
-    autocast, scaler = autocast_setup(cfg.precision, device)
+        frozen = [n for n, _ in module.named_parameters() if n.startswith("source.")]
+        frozen += [n for n, _ in module.named_buffers() if n.startswith("source.")]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    model, opt = acc.prepare(module, opt)
+    device = acc.device
+    global_batch = cfg.batch_size * world
+
+    def epoch_units(ep: int) -> list[list[int]]:
+        """Units (an example, or a packed row of examples) in the order of epoch `ep`; a function of (seed, ep) only."""
+        order = epoch_order(len(train_ex), cfg.seed, ep)
+        if not cfg.packing:
+            return [[i] for i in order]
+        rows = pack_indices([len(train_ex[i].input_ids) for i in order], effective_max_length(cfg, limit))
+        return [[order[j] for j in row] for row in rows]
+
+    def steps_in(ep: int) -> int:
+        n = len(epoch_units(ep)) if cfg.packing else len(train_ex)
+        return math.ceil(math.ceil(n / global_batch) / cfg.grad_accum)
+
+    total_steps = cfg.max_steps or sum(steps_in(ep) for ep in range(cfg.epochs))
+    # Not prepared: accelerate would step it once per process.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lr_lambda(cfg, total_steps))
     pad_id = tokenizer.pad_token_id
 
-    epoch, batch_idx, step = 0, 0, 0
+    epoch, pos, step = 0, 0, 0  # pos: units of the current epoch already consumed (world-size independent)
     best, first_val, bad_evals, stopped_early = None, None, 0, False
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch, batch_idx, step = state["epoch"], state["batch_idx"], state["step"]
+        if acc.scaler is not None and state.get("scaler"):
+            acc.scaler.load_state_dict(state["scaler"])
+        epoch, pos, step = state["epoch"], state["pos"], state["step"]
         best, first_val, bad_evals = state["best"], state["first_val"], state["bad_evals"]
-        set_rng_state(state["rng"])
-        log(f"resumed from {last_dir} at step {step} (epoch {epoch + 1}, batch {batch_idx})")
-    metrics = MetricsLog(out_dir, cfg.tensorboard, step if state is not None else None)
+        rngs = state["rng"]
+        if len(rngs) != world:
+            say(f"resuming on {world} process(es) from a run on {len(rngs)}: RNG streams restart from rank 0's")
+        set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+        say(f"resumed from {last_dir} at step {step} (epoch {epoch + 1}, {pos} units into it)")
+    metrics = MetricsLog(out_dir, cfg.tensorboard and main, step if state is not None else None) if main else None
+
+    def log_metrics(record: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.log(record)
+
+    def gather_rng() -> list[dict[str, Any]]:
+        if world == 1:
+            return [rng_state()]
+        out: list[Any] = [None] * world
+        torch.distributed.all_gather_object(out, rng_state())
+        return out
+
+    def full_state() -> dict[str, torch.Tensor] | None:
+        """Under FSDP / DeepSpeed the weights are sharded: gather them (a collective, every rank calls it)."""
+        from accelerate.utils import DistributedType
+
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return acc.get_state_dict(model)
+        return None
 
     def save_last() -> None:
-        st = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
-              "batch_idx": batch_idx, "step": step, "best": best, "first_val": first_val,
-              "bad_evals": bad_evals, "rng": rng_state(), "config": dataclasses.asdict(cfg)}
-        module.save_pretrained(last_dir, write_extra=lambda d: torch.save(st, d / STATE_NAME))
+        rngs = gather_rng()
+        weights = full_state()
+        if main:
+            st = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "epoch": epoch,
+                  "pos": pos, "step": step, "best": best, "first_val": first_val, "bad_evals": bad_evals,
+                  "rng": rngs, "world_size": world, "config": dataclasses.asdict(cfg)}
+            acc.unwrap_model(model).save_pretrained(last_dir, write_extra=lambda d: torch.save(st, d / STATE_NAME),
+                                                    state_dict=weights)
+        acc.wait_for_everyone()
 
     def validate() -> bool:
-        """Evaluate; save `best` on improvement; return True when early stopping triggers."""
+        """Evaluate (each rank its share, then summed); save `best` on improvement; True when early stopping triggers."""
         nonlocal best, first_val, bad_evals
         if not val_ex:
             return False
-        r = evaluate_loss(module, val_ex, cfg.eval_batch_size, pad_id, features, autocast)
-        first_val = r["loss"] if first_val is None else first_val
-        metrics.log({"step": step, "epoch": epoch + 1, "val_loss": r["loss"], "val_ppl": r["perplexity"]})
-        log(f"step {step}: validation loss {r['loss']:.4f} (perplexity {r['perplexity']:.2f})")
-        if best is None or r["loss"] < best - cfg.min_delta:
-            best, bad_evals = r["loss"], 0
-            module.save_pretrained(best_dir)
+        share = val_ex[rank::world]
+        r = evaluate_loss(acc.unwrap_model(model), share, cfg.eval_batch_size, pad_id, features, acc.autocast) \
+            if share else {"loss": 0.0, "tokens": 0}
+        tot = acc.reduce(torch.tensor([r["loss"] * r["tokens"], float(r["tokens"])], device=device), "sum")
+        loss = float(tot[0] / tot[1].clamp(min=1))
+        first_val = loss if first_val is None else first_val
+        log_metrics({"step": step, "epoch": epoch + 1, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
+        say(f"step {step}: validation loss {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):.2f})")
+        if best is None or loss < best - cfg.min_delta:
+            best, bad_evals = loss, 0
+            weights = full_state()
+            if main:
+                acc.unwrap_model(model).save_pretrained(best_dir, state_dict=weights)
+            acc.wait_for_everyone()
         else:
             bad_evals += 1
         return bool(cfg.patience) and bad_evals >= cfg.patience
@@ -497,60 +538,62 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     if state is None and val_ex:
         validate()  # the starting point of the curve
     bar = None
-    if cfg.progress:
+    if cfg.progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-    module.train()
+    model.train()
     steps_this_call, tokens_seen, t0 = 0, 0, time.perf_counter()
-    last_val_step = step if state is None and val_ex else -1
     done = step >= total_steps
+    params = [p for g in groups.values() for p in g]
     while not done:
-        batches = epoch_batches(epoch)
-        while batch_idx < len(batches):
-            window = batches[batch_idx : batch_idx + cfg.grad_accum]
-            collated = [collate_packed([[train_ex[i] for i in u] for u in b], pad_id) if cfg.packing
-                        else collate([train_ex[u[0]] for u in b], pad_id) for b in window]
-            n_tok = sum(int((c["labels"][:, 1:] != -100).sum()) for c in collated)
+        units = epoch_units(epoch)
+        while pos < len(units):
+            # One optimiser step: grad_accum global batches; this rank takes its slice of each.
+            window = [units[pos + k * global_batch : pos + (k + 1) * global_batch] for k in range(cfg.grad_accum)]
+            window = [g for g in window if g]
+            mine = [g[rank * cfg.batch_size : (rank + 1) * cfg.batch_size] for g in window]
+            # A rank left without data in a short last batch runs a zero-weight copy (DDP needs every rank).
+            batches = [(m, 1.0) if m else (g[:1], 0.0) for m, g in zip(mine, window)]
+            collated = [(collate_packed([[train_ex[i] for i in u] for u in b], pad_id) if cfg.packing
+                         else collate([train_ex[u[0]] for u in b], pad_id), w) for b, w in batches]
+            n_local = sum(int((c["labels"][:, 1:] != -100).sum()) * w for c, w in collated)
+            n_tok = float(acc.reduce(torch.tensor(float(n_local), device=device), "sum"))
             loss_sum = 0.0
-            for b, c in zip(window, collated):
-                c = {k: v.to(device) for k, v in c.items()}
+            for k, ((b, w), (c, _)) in enumerate(zip(batches, collated)):
+                c = {key: v.to(device) for key, v in c.items()}
                 src = features.batch([[train_ex[i] for i in u] for u in b], device) if features is not None else None
-                with autocast():
-                    out = module(c["input_ids"], c["attention_mask"], labels=c["labels"], source_states=src,
-                                 return_logits=False, loss_chunk_size=cfg.loss_chunk_size or None)
-                # Token-weighted mean over the whole accumulation window.
-                loss = out.loss * (out.num_tokens / max(n_tok, 1))
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                sync = contextlib.nullcontext() if k == len(batches) - 1 else acc.no_sync(model)
+                with sync:
+                    with acc.autocast():
+                        out = model(c["input_ids"], c["attention_mask"], labels=c["labels"], source_states=src,
+                                    return_logits=False, loss_chunk_size=cfg.loss_chunk_size or None)
+                    # Token-weighted mean over the global window; DDP averages over ranks, so scale by world.
+                    loss = out.loss * (w * out.num_tokens / max(n_tok, 1.0))
+                    acc.backward(loss * world)
                 loss_sum += float(loss.detach())
-            if scaler is not None:
-                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-            gnorm = torch.nn.utils.clip_grad_norm_([p for g in groups.values() for p in g], cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            gnorm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
+            loss_sum = float(acc.reduce(torch.tensor(loss_sum, device=device), "sum"))
             step += 1
             steps_this_call += 1
-            batch_idx += len(window)
-            tokens_seen += sum(int(c["attention_mask"].sum()) for c in collated)
+            pos += sum(len(g) for g in window)
+            tokens_seen += sum(int(c["attention_mask"].gt(0).sum()) for c, w in collated if w) * world
             tps = tokens_seen / max(time.perf_counter() - t0, 1e-9)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}")
             if step % cfg.log_every == 0 or step == 1:
-                metrics.log({"step": step, "epoch": epoch + 1, "loss": loss_sum, "grad_norm": float(gnorm),
+                log_metrics({"step": step, "epoch": epoch + 1, "loss": loss_sum, "grad_norm": float(gnorm),
                              "lr_bridge": sched.get_last_lr()[0], "lr_small": sched.get_last_lr()[1],
                              "tokens_per_s": tps})
-            at_epoch_end = batch_idx >= len(batches)
+            at_epoch_end = pos >= len(units)
             if at_epoch_end:
-                epoch, batch_idx = epoch + 1, 0
+                epoch, pos = epoch + 1, 0
             done = step >= total_steps or (not cfg.max_steps and epoch >= cfg.epochs)
             if (cfg.eval_every and step % cfg.eval_every == 0) or (at_epoch_end and not cfg.eval_every) or done:
-                last_val_step = step
                 if validate():
                     stopped_early = done = True
             killed = stop_after is not None and steps_this_call >= stop_after
@@ -559,17 +602,22 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             if killed and not done:
                 if bar is not None:
                     bar.close()
-                metrics.close()
-                return TrainResult(str(out_dir), step, best, first_val, False, metrics.records())
+                records = metrics.records() if metrics is not None else []
+                if metrics is not None:
+                    metrics.close()
+                return TrainResult(str(out_dir), step, best, first_val, False, records)
             if done or at_epoch_end:
                 break
     if bar is not None:
         bar.close()
-    metrics.close()
-    records = metrics.records()
-    plot_losses(records, out_dir / "loss_curve.png")
-    log(f"done: {step} steps; best validation loss {best if best is None else round(best, 4)}; "
+    records: list[dict[str, Any]] = []
+    if metrics is not None:
+        metrics.close()
+        records = metrics.records()
+        plot_losses(records, out_dir / "loss_curve.png")
+    say(f"done: {step} steps; best validation loss {best if best is None else round(best, 4)}; "
         f"checkpoints in {best_dir} and {last_dir}")
+    acc.wait_for_everyone()
     return TrainResult(str(out_dir), step, best, first_val, stopped_early, records)
 
 

@@ -97,7 +97,9 @@ def test_save_load_round_trip_and_no_source_tensor(build, fx, tmp_path):
     assert not any("wte" in k for k in state)  # the trunk's unused embeddings are not stored
     src_shapes = {tuple(p.shape) for p in m.source.parameters()} - {tuple(p.shape) for p in m.parameters() if not any(p is q for q in m.source.parameters())}
     assert not any(tuple(v.shape) in src_shapes for v in state.values())
-    assert sum(v.numel() for v in state.values()) == sum(p.numel() for _, p in m.trainable_named_parameters())
+    from llm_modules.info import parameter_counts
+
+    assert sum(v.numel() for v in state.values()) == parameter_counts(m)["trained"]
     m2 = LLMModule.from_pretrained(tmp_path / "mod").eval()
     ids, mask = _batch(m.config.vocab_size, [9, 5], "left")
     with torch.no_grad():
