@@ -24,7 +24,9 @@ def _quiet() -> None:
 
 # -- info -----------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> None:
-    from transformers import AutoConfig, AutoTokenizer, GPTNeoConfig, Qwen2Config
+    from transformers import AutoConfig, GPTNeoConfig, Qwen2Config
+
+    from .source import load_tokenizer
 
     from .info import format_counts, module_from_configs, parameter_counts
     from .model import CONFIG_NAME
@@ -44,7 +46,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         title = "paper pair: Qwen2-1.5B + GPT-Neo-125M (built-in configs)"
     elif args.large and args.small:
         large, small = AutoConfig.from_pretrained(args.large), AutoConfig.from_pretrained(args.small)
-        vocab = args.vocab_size or len(AutoTokenizer.from_pretrained(args.large))
+        vocab = args.vocab_size or len(load_tokenizer(args.large))
         kw = dict(num_layers=args.num_layers, num_heads=args.num_heads, adapter_dim=args.adapter_dim)
         title = f"{args.large} + {args.small}"
     else:

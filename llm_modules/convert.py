@@ -21,11 +21,11 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel
 
 from .config import ModuleConfig
 from .model import LLMModule
-from .source import KnowledgeSource
+from .source import KnowledgeSource, load_tokenizer
 
 _LAYER = re.compile(r"^qwen\.cross_attention_layers\.(\d+)\.(.*)$")
 _FROZEN_PREFIX = "qwen.model."
@@ -123,7 +123,7 @@ def convert_reference(
     if missing:
         raise ValueError(f"{ckpt}: missing reference keys for {', '.join(missing)}")
     n_layers = len({k.split(".")[2] for k in renamed if k.startswith("bridge.layers.")})
-    tokenizer = AutoTokenizer.from_pretrained(large)
+    tokenizer = load_tokenizer(large)
     vocab = renamed["generation.lm_head.weight"].shape[0]
     if vocab != len(tokenizer):
         raise ValueError(f"{ckpt}: new_lm_head has {vocab} rows but the tokenizer of {large!r} has {len(tokenizer)} tokens")

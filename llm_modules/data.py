@@ -8,7 +8,6 @@ Rows come in either schema:
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -23,12 +23,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoConfig, PreTrainedModel, Qwen2Config
+from transformers import AutoModelForCausalLM, GPTNeoConfig, PreTrainedModel, Qwen2Config
 
 from .data import Example, Formatter, build_prompt, collate, parse_row
 from .evaluate import extract_answer
 from .fixtures import default_cache_dir, train_tokenizer
 from .io import atomic_dir, atomic_write, atomic_write_text
+from .source import load_tokenizer
 from .world import SYSTEM, Fact, World, make_world
 
 FIXED_PROMPTS = [("sum", {"a": 5, "b": 5}), ("remainder", {"a": 7, "b": 4})]
@@ -253,7 +254,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     log(f"world (seed {cfg.seed}): {len(world.entities)} entities, {len(world.facts)} facts; "
         f"task: {len(world.train_facts)} trained / {len(world.heldout_facts)} held-out questions")
     large_dir, small_dir, pre = pretrain(cfg, world, log)
-    tok = AutoTokenizer.from_pretrained(str(large_dir))
+    tok = load_tokenizer(str(large_dir))
     pad = tok.pad_token_id
     fmt = Formatter(tok, "paper", "assistant")
     data_dir = out / "data"

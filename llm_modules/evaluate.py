@@ -62,10 +62,12 @@ def load_any(path: str) -> Any:
 
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return LLMModule.from_pretrained(path).eval()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .source import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    model.tokenizer = AutoTokenizer.from_pretrained(path)
+    model.tokenizer = load_tokenizer(path)
     return model
 
 

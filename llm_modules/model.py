@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +12,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .bridge import Bridge
 from .config import ModuleConfig
 from .io import atomic_dir
-from .source import KnowledgeSource, fingerprints_match, is_packed, packed_inputs, position_ids_from_mask
+from .source import KnowledgeSource, fingerprints_match, is_packed, load_tokenizer, packed_inputs, position_ids_from_mask
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "llm_module.json"
@@ -158,7 +157,7 @@ class LLMModule(nn.Module):
         """Load the knowledge source and the small trunk (pretrained weights unless init_small='scratch')."""
         small_name = small_model if isinstance(small_model, str) else None
         cfg = ModuleConfig(large_model=large_model, small_model=small_name, **config_kwargs)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(large_model)
+        tokenizer = tokenizer or load_tokenizer(large_model)
         cfg.vocab_size = len(tokenizer)
         source = KnowledgeSource.from_pretrained(large_model, cfg.source_dtype, cfg.source_layer)
         trunk = load_trunk(small_model, cfg.init_small)
@@ -316,7 +315,7 @@ class LLMModule(nn.Module):
         cfg = ModuleConfig.load(cfg_file)
         if source_dtype:
             cfg.source_dtype = source_dtype
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(str(path))
         source = None
         source_hidden = None
         if isinstance(large_model, KnowledgeSource):

@@ -24,6 +24,25 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a model id or folder, exactly as its tokenizer.json defines it.
+
+    transformers' AutoTokenizer swaps a generic fast tokenizer stored in a model folder for the
+    architecture's own class (e.g. Qwen2Tokenizer, whose pre-tokenizer splits digits), which
+    silently changes the token ids of tokenizers trained for that folder. A folder that declares a
+    generic class is loaded as such; any other goes through AutoTokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import cached_file
+
+    cfg_path = cached_file(name, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
+    if cfg_path:
+        declared = json.loads(open(cfg_path, encoding="utf-8").read()).get("tokenizer_class", "")
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(name)
+    return AutoTokenizer.from_pretrained(name)
+
+
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """0, 1, 2, ... over real tokens whatever the padding side; padding gets 0 (never read)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

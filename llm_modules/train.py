@@ -28,7 +28,7 @@ from .evaluate import evaluate_loss
 from .fixtures import resolve
 from .io import atomic_write, atomic_write_text
 from .model import LLMModule
-from .source import fingerprints_match
+from .source import fingerprints_match, load_tokenizer
 
 STATE_NAME = "trainer_state.pt"
 
@@ -356,9 +356,9 @@ def build_module(cfg: TrainConfig, tokenizer: Any = None, load_source: bool = Tr
     if not load_source:
         from .model import load_trunk
         from .config import ModuleConfig
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(large)
+        tokenizer = tokenizer or load_tokenizer(large)
         mcfg = ModuleConfig(large_model=large, small_model=small, vocab_size=len(tokenizer), **cfg.module_kwargs())
         return LLMModule(mcfg, load_trunk(small, cfg.init_small), None,
                          source_hidden_size=AutoConfig.from_pretrained(large).hidden_size, tokenizer=tokenizer)
@@ -385,8 +385,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     steps in this call, as a kill would (used to test exact resume).
     """
     from accelerate import Accelerator
-    from transformers import AutoTokenizer
-
+    
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
@@ -408,7 +407,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     np.random.seed(cfg.seed)
 
     large = resolve(cfg.large_model)
-    tokenizer = AutoTokenizer.from_pretrained(large)
+    tokenizer = load_tokenizer(large)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     features = None
@@ -586,7 +585,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}")
             if step % cfg.log_every == 0 or step == 1:
-                log_metrics({"step": step, "epoch": epoch + 1, "loss": loss_sum, "grad_norm": float(gnorm),
+                log_metrics({"step": step, "epoch": epoch + 1, "loss": loss_sum, "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
                              "lr_bridge": sched.get_last_lr()[0], "lr_small": sched.get_last_lr()[1],
                              "tokens_per_s": tps})
             at_epoch_end = pos >= len(units)
@@ -623,11 +622,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
 
 def build_feature_cache(cfg: TrainConfig, log: Callable[[str], None] = print) -> Any:
     """`llm-modules cache`: run the knowledge source once over the recipe's filtered, split data."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from .features import FeatureCache
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.large_model))
+    tokenizer = load_tokenizer(resolve(cfg.large_model))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     limit = None

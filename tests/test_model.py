@@ -174,3 +174,17 @@ def test_packed_rows_equal_separate_examples(build, large, small):
         # The loss counts every target except each example's first token.
         out = m(packed["input_ids"], packed["attention_mask"], labels=packed["labels"])
     assert out.num_tokens == (20 - 1) + (7 - 1) + (11 - 1)
+
+
+def test_tokenizer_survives_model_and_module_folders(build, fx, tmp_path):
+    """AutoTokenizer would swap our generic tokenizer for Qwen2Tokenizer (digits split); load_tokenizer must not."""
+    from transformers import PreTrainedTokenizerFast
+
+    from llm_modules.source import load_tokenizer
+
+    text = "The sum of 12 and 30 is 42.<|end_of_solution|>"
+    ref = PreTrainedTokenizerFast.from_pretrained(fx["tokenizer"])(text).input_ids
+    assert load_tokenizer(fx["large_qwen2"])(text).input_ids == ref
+    m = build()
+    m.save_pretrained(tmp_path / "mod")
+    assert LLMModule.from_pretrained(tmp_path / "mod").tokenizer(text).input_ids == ref

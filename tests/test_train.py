@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from llm_modules.fixtures import arith_rows
@@ -76,7 +75,7 @@ def test_numbers_are_coerced_and_wrong_types_named():
 
 
 def test_packing_trains_on_fewer_rows(cfg):
-    plain = train(cfg(epochs=1), log=lambda s: None)
-    packed = train(cfg(epochs=1, packing=True, output_dir=cfg().output_dir + "_p"), log=lambda s: None)
-    assert packed.steps < plain.steps / 2  # ~40-token examples packed into 256-token rows
-    assert packed.best_val_loss < 0.8 * packed.first_val_loss
+    plain = train(cfg(epochs=2), log=lambda s: None)
+    packed = train(cfg(epochs=6, packing=True, output_dir=cfg().output_dir + "_p"), log=lambda s: None)
+    assert packed.steps < plain.steps  # 3x the epochs in fewer steps: ~40-token examples packed into 256-token rows
+    assert packed.best_val_loss < 0.7 * packed.first_val_loss
