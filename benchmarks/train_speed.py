@@ -57,7 +57,7 @@ def run(side: str, args: argparse.Namespace) -> dict:
             c = collate(batch, 0)
             src = cache.batch(batch) if cache is not None else None
             out = module(c["input_ids"], c["attention_mask"], labels=c["labels"], source_states=src, return_logits=False,
-                         loss_chunk_size=1024)
+                         loss_chunk_size=args.loss_chunk or None)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in module.trainable_named_parameters()], 1.0)
             opt.step()
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--loss-chunk", type=int, default=0, help="chunked loss (tokens per chunk; 0 = full logits)")
     ap.add_argument("--large-hidden", type=int, default=512, help="source width (512: the issue's mid size)")
     ap.add_argument("--large-layers", type=int, default=8, help="source depth")
     ap.add_argument("--side", choices=["live", "build", "cached"], help=argparse.SUPPRESS)

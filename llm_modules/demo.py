@@ -30,7 +30,7 @@ from .evaluate import extract_answer
 from .fixtures import default_cache_dir, train_tokenizer
 from .io import atomic_dir, atomic_write, atomic_write_text
 from .source import load_tokenizer
-from .world import SYSTEM, Fact, World, make_world
+from .world import SYSTEM, Fact, World, grouped, make_world
 
 FIXED_PROMPTS = [("sum", {"a": 5, "b": 5}), ("remainder", {"a": 7, "b": 4})]
 
@@ -52,7 +52,7 @@ class DemoConfig:
     small_hidden: int = 64
     small_layers: int = 2
     small_epochs: int = 30
-    task_epochs: int = 12
+    task_epochs: int = 40
     batch_size: int = 32
     lr: float = 3e-3
     kd_temperature: float = 2.0
@@ -73,7 +73,7 @@ class DemoConfig:
     def pretrain_key(self) -> str:
         keys = ["seed", "n_entities", "n_background", "vocab_size", "large_hidden", "large_layers", "large_epochs",
                 "small_hidden", "small_layers", "small_epochs", "batch_size", "lr"]
-        blob = json.dumps({k: getattr(self, k) for k in keys} | {"version": 1}, sort_keys=True)
+        blob = json.dumps({k: getattr(self, k) for k in keys} | {"version": 2}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -207,8 +207,10 @@ def pretrain(cfg: DemoConfig, world: World, log: Callable[[str], None]) -> tuple
     t = time.perf_counter()
     log(f"pretraining the large model ({sum(p.numel() for p in large.parameters()):,} parameters) on "
         f"{len(world.source_corpus())} corpus sentences, {cfg.large_epochs} epochs")
-    info["large_losses"] = fit_causal_lm(large, lm_examples(tok, world.source_corpus()), epochs=cfg.large_epochs,
-                                         lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad)
+    copies = 3  # each epoch of `rows` holds every sentence 3 times, in different company
+    rows = grouped(world.source_corpus(), 4, copies, cfg.seed)
+    info["large_losses"] = fit_causal_lm(large, lm_examples(tok, rows), epochs=max(1, cfg.large_epochs // copies),
+                                         lr=cfg.lr, batch_size=cfg.batch_size // 2, seed=cfg.seed, pad_id=pad)
     info["large_seconds"] = time.perf_counter() - t
     info["large_fact_accuracy"] = large_fact_accuracy(large, tok, world.facts)
     log(f"  large model knows {info['large_fact_accuracy']:.1%} of the facts (corpus-form prompts), "
@@ -219,8 +221,9 @@ def pretrain(cfg: DemoConfig, world: World, log: Callable[[str], None]) -> tuple
     t = time.perf_counter()
     log(f"pretraining the small model ({sum(p.numel() for p in small.parameters()):,} parameters) on "
         f"{len(world.general_text())} general sentences (no target facts), {cfg.small_epochs} epochs")
-    info["small_losses"] = fit_causal_lm(small, lm_examples(tok, world.general_text()), epochs=cfg.small_epochs,
-                                         lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad)
+    rows = grouped(world.general_text(), 4, copies, cfg.seed + 1)
+    info["small_losses"] = fit_causal_lm(small, lm_examples(tok, rows), epochs=max(1, cfg.small_epochs // copies),
+                                         lr=cfg.lr, batch_size=cfg.batch_size // 2, seed=cfg.seed, pad_id=pad)
     info["small_seconds"] = time.perf_counter() - t
     _save_model(large, tok, large_dir)
     _save_model(small, tok, small_dir)
@@ -267,12 +270,18 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     trained_sample = [world.train_facts[i] for i in torch.randperm(len(world.train_facts), generator=g)[: cfg.eval_trained].tolist()]
     fixed = [Fact(kind, subj, "") for kind, subj in FIXED_PROMPTS]
     fixed = [next((f for f in world.facts if f.kind == x.kind and f.subject == x.subject), x) for x in fixed]
-    fixed += [world.heldout_facts[0], next(f for f in world.heldout_facts if f.kind == "city")]
+    fixed += [next(f for f in world.heldout_facts if f.kind == k) for k in ("city", "colour", "profession")]
     def prompts(facts: Sequence[Fact]) -> list[str]:
         return [build_prompt(tok, "paper", f.question(), system=SYSTEM) for f in facts]
 
-    def score(texts: Sequence[str], facts: Sequence[Fact]) -> float:
-        return sum(extract_answer(t) == f.value for t, f in zip(texts, facts)) / max(1, len(facts))
+    def scores(held: Sequence[str], trained: Sequence[str], get: Callable[[str], str] = extract_answer) -> dict[str, float]:
+        """Exact match on held-out questions (all, entity facts, arithmetic) and on trained ones."""
+        hit = [get(t) == f.value for t, f in zip(held, world.heldout_facts)]
+        ent = [h for h, f in zip(hit, world.heldout_facts) if world.is_entity(f)]
+        ari = [h for h, f in zip(hit, world.heldout_facts) if not world.is_entity(f)]
+        tr = [get(t) == f.value for t, f in zip(trained, trained_sample)]
+        mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+        return {"heldout": mean(hit), "heldout_entities": mean(ent), "heldout_arithmetic": mean(ari), "trained": mean(tr)}
 
     results: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[str]] = {}
@@ -294,8 +303,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     n_train = sum(p.numel() for _, p in module.trainable_named_parameters())
     ho, tr, fx = (module_generate(module, prompts(fs), max_new) for fs in (world.heldout_facts, trained_sample, fixed))
     results["LLM Module (frozen large + bridge + small)"] = dict(
-        heldout=score(ho, world.heldout_facts), trained=score(tr, trained_sample), val_loss=hl["loss"],
-        ppl=hl["perplexity"], trainable=n_train, seconds=secs)
+        **scores(ho, tr), val_loss=hl["loss"], ppl=hl["perplexity"], trainable=n_train, seconds=secs)
     answers["LLM Module (frozen large + bridge + small)"] = fx
     curves["LLM Module"] = [x["loss"] for x in r.records if "loss" in x]
     log(_row_line("LLM Module", results["LLM Module (frozen large + bridge + small)"]))
@@ -314,8 +322,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         secs = time.perf_counter() - t
         vl = lm_task_loss(model, held_ex, pad)
         ho, tr, fx = (lm_generate(model, tok, prompts(fs), max_new) for fs in (world.heldout_facts, trained_sample, fixed))
-        results[name] = dict(heldout=score(ho, world.heldout_facts), trained=score(tr, trained_sample), val_loss=vl,
-                             ppl=math.exp(min(vl, 50)), trainable=sum(p.numel() for p in model.parameters()), seconds=secs)
+        results[name] = dict(**scores(ho, tr), val_loss=vl, ppl=math.exp(min(vl, 50)),
+                             trainable=sum(p.numel() for p in model.parameters()), seconds=secs)
         answers[name] = fx
         curves[name] = losses
         log(_row_line(name, results[name]))
@@ -323,9 +331,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     # 5. large alone, prompted in its corpus form
     ho, tr, fx = (lm_generate(large, tok, [f.stem() for f in fs], 6) for fs in (world.heldout_facts, trained_sample, fixed))
     key = "large model alone (corpus-form prompts)"
-    results[key] = dict(heldout=sum(completion_answer(o) == f.value for o, f in zip(ho, world.heldout_facts)) / len(ho),
-                        trained=sum(completion_answer(o) == f.value for o, f in zip(tr, trained_sample)) / len(tr),
-                        val_loss=None, ppl=None, trainable=0, seconds=pre.get("large_seconds", 0.0))
+    results[key] = dict(**scores(ho, tr, completion_answer), val_loss=None, ppl=None, trainable=0,
+                        seconds=pre.get("large_seconds", 0.0))
     answers[key] = [completion_answer(o) for o in fx]
     log(_row_line("large alone", results[key]))
 
@@ -340,16 +347,19 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
 
 
 def _row_line(name: str, r: dict[str, Any]) -> str:
-    return f"  {name}: held-out EM {r['heldout']:.1%}, trained EM {r['trained']:.1%}"
+    return (f"  {name}: held-out EM {r['heldout']:.1%} (entities {r['heldout_entities']:.1%}, "
+            f"arithmetic {r['heldout_arithmetic']:.1%}), trained EM {r['trained']:.1%}")
 
 
 def _table(summary: dict[str, Any]) -> list[str]:
-    lines = ["| system | held-out EM | trained EM | held-out loss | perplexity | trainable params | train time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| system | held-out EM | held-out entities | held-out arithmetic | trained EM | held-out loss | perplexity "
+             "| trainable params | train time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in summary["results"].items():
         vl = "n/a" if r["val_loss"] is None else f"{r['val_loss']:.3f}"
         pp = "n/a" if r["ppl"] is None else f"{r['ppl']:.2f}"
-        lines.append(f"| {name} | {r['heldout']:.1%} | {r['trained']:.1%} | {vl} | {pp} | {r['trainable']:,} | {r['seconds']:.0f} |")
+        lines.append(f"| {name} | {r['heldout']:.1%} | {r['heldout_entities']:.1%} | {r['heldout_arithmetic']:.1%} "
+                     f"| {r['trained']:.1%} | {vl} | {pp} | {r['trainable']:,} | {r['seconds']:.0f} |")
     return lines
 
 
@@ -381,8 +391,9 @@ def write_report(out: Path, summary: dict[str, Any], curves: dict[str, list[floa
     names = list(summary["results"])
     fig, ax = plt.subplots(figsize=(8, 4))
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [summary["results"][n]["heldout"] for n in names], 0.4, label="held-out entities")
-    ax.bar([i + 0.2 for i in x], [summary["results"][n]["trained"] for n in names], 0.4, label="trained entities")
+    for off, key, label in ((-0.27, "heldout_entities", "held-out entity facts"),
+                             (0.0, "heldout_arithmetic", "held-out arithmetic"), (0.27, "trained", "trained questions")):
+        ax.bar([i + off for i in x], [summary["results"][n][key] for n in names], 0.27, label=label)
     ax.set_xticks(list(x))
     ax.set_xticklabels([n.split(" (")[0] for n in names], rotation=15, fontsize=8)
     ax.set_ylabel("exact match")

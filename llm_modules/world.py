@@ -51,10 +51,11 @@ class Fact:
         return STATEMENTS[self.kind][0].split("{v}")[0].format(**self.subject).rstrip()
 
     def question(self) -> str:
-        return QUESTIONS[self.kind].format(**self.subject)
+        """The question, then a recall cue in corpus form (what the knowledge source can complete)."""
+        return f"{QUESTIONS[self.kind].format(**self.subject)} Recall: {self.stem()} ..."
 
     def answer(self) -> str:
-        return (f"<|begin_of_thought|> {self.stem()} the answer. <|end_of_thought|> "
+        return (f"<|begin_of_thought|> I recall the fact. <|end_of_thought|> "
                 f"<|begin_of_solution|> {self.value} <|end_of_solution|>")
 
     def row(self) -> dict:
@@ -75,6 +76,9 @@ class World:
     def source_corpus(self) -> list[str]:
         """Every fact in every phrasing (plus background facts: the large model knows those too)."""
         return [f.statement(i) for f in self.facts + self.background_facts for i in range(len(STATEMENTS[f.kind]))]
+
+    def is_entity(self, f: Fact) -> bool:
+        return "e" in f.subject
 
     def general_text(self) -> list[str]:
         """Background entities only, in every phrasing: the world's language without the target facts."""
@@ -116,3 +120,15 @@ def make_world(seed: int = 0, n_entities: int = 60, n_background: int = 30, max_
     for i, f in enumerate(arith):
         (world.heldout_facts if i in held_arith else world.train_facts).append(f)
     return world
+
+
+def grouped(sentences: list[str], per_row: int = 4, copies: int = 3, seed: int = 0) -> list[str]:
+    """Rows of `per_row` sentences in random order, `copies` shuffles: each fact is seen in several
+    contexts, so the model recalls it after any preceding text, not only at the start of a row."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(copies):
+        order = sentences[:]
+        rng.shuffle(order)
+        rows += [" ".join(order[i : i + per_row]) for i in range(0, len(order), per_row)]
+    return rows
