@@ -1,0 +1,63 @@
+import json
+
+from llm_modules.demo import DemoConfig, completion_answer, run_demo
+from llm_modules.evaluate import exact_match, extract_answer
+from llm_modules.world import ATTRIBUTES, make_world
+
+
+def test_world_is_deterministic_and_split_by_entity():
+    a, b, c = make_world(3), make_world(3), make_world(4)
+    assert [f.statement() for f in a.facts] == [f.statement() for f in b.facts]
+    assert [f.statement() for f in a.facts] != [f.statement() for f in c.facts]
+    held = {f.subject["e"] for f in a.heldout_facts if a.is_entity(f)}
+    trained = {f.subject["e"] for f in a.train_facts if a.is_entity(f)}
+    assert held and trained and not held & trained
+    assert len(held) == len(a.entities) // 2
+    # every entity has one value per attribute, from the attribute's set
+    for f in a.facts:
+        if a.is_entity(f):
+            assert f.value in ATTRIBUTES[f.kind]
+    # the paper's two prompts are held out, with the right answers
+    got = {f.question().split(" Recall")[0]: f.value for f in a.heldout_facts}
+    assert got["What is the sum of 5 and 5?"] == "10"
+    assert got["Find the remainder by dividing 7 by 4."] == "3"
+
+
+def test_corpus_states_every_fact_and_general_text_none_of_the_targets():
+    w = make_world(0, n_entities=10, n_background=5)
+    corpus = " ".join(w.source_corpus())
+    for f in w.facts:
+        assert f.statement() in corpus
+    general = " ".join(w.general_text())
+    assert not any(e in general for e in w.entities)
+
+
+def test_task_rows_use_the_paper_markers():
+    f = make_world(0).facts[0]
+    ans = f.row()["conversations"][1]["value"]
+    assert ans.startswith("<|begin_of_thought|>") and ans.endswith(f"<|begin_of_solution|> {f.value} <|end_of_solution|>")
+    assert f.question().endswith(f"Recall: {f.stem()} ...")
+
+
+def test_answer_extraction_and_exact_match():
+    assert extract_answer("<|begin_of_thought|> x <|end_of_thought|> <|begin_of_solution|>  Quenby <|end_of_solution|>") == "Quenby"
+    assert extract_answer("<|begin_of_solution|> 10.") == "10"  # unterminated, trailing period
+    assert extract_answer("no markers here") == "no markers here"
+    assert exact_match(["<|begin_of_solution|> Blue <|end_of_solution|>", "<|begin_of_solution|> 3"],
+                       ["<|begin_of_solution|> blue <|end_of_solution|>", "<|begin_of_solution|> 4 <|end_of_solution|>"]) == 0.5
+    assert completion_answer(" Brindle. Corvath lives in") == "Brindle"
+
+
+def test_quick_demo_writes_report(tmp_path):
+    summary = run_demo(DemoConfig.quick(out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache")), log=lambda s: None)
+    out = tmp_path / "out"
+    report = (out / "report.md").read_text()
+    assert "| LLM Module (frozen large + bridge + small) |" in report and "What is the sum of 5 and 5?" in report
+    assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "accuracy.png").stat().st_size > 1000
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert len(res) == 5 and all(0.0 <= r["heldout"] <= 1.0 for r in res.values())
+    assert summary["results"]["small fine-tuned"]["trainable"] < summary["results"]["LLM Module (frozen large + bridge + small)"]["trainable"]
+    # a second run reuses the cached pretrained models
+    logs = []
+    run_demo(DemoConfig.quick(out=str(tmp_path / "out2"), cache_dir=str(tmp_path / "cache")), log=logs.append)
+    assert any("pretrained models: reusing" in s for s in logs)
