@@ -264,7 +264,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         fmt = args.format
         if fmt == "auto":
             fmt = model.config.extra.get("format", "raw") if hasattr(model, "bridge") else "raw"
-        texts = [build_prompt(model.tokenizer, fmt, p) for p in prompts]
+        texts = [build_prompt(model.tokenizer, fmt, p, system=args.system) for p in prompts]
         rows[name] = [extract_answer(a) if "<|begin_of_solution|>" in a else " ".join(a.split())
                       for a in answer_prompts(model, texts, args.max_new_tokens)]
     for i, p in enumerate(prompts):
@@ -279,6 +279,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", required=True, help="llm-modules folders or causal LM ids/paths")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--format", default="auto", choices=["auto", "raw", "paper", "chat_template"])
+    p.add_argument("--system", help="system prompt (paper and chat_template formats; default: the reasoning prompt)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_compare)
 

@@ -248,8 +248,10 @@ class FeatureCache:
                 (folder / INDEX).unlink()
         load = lambda: KnowledgeSource.from_pretrained(large, cfg.source_dtype, cfg.source_layer)  # noqa: E731
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        cache = cls.build(folder, examples, key, load, dtype=cfg.cache_dtype, pad_id=pad, rank=rank,
-                          world_size=world_size, log=log)
+        # Shard size in tokens (env override: small shards for tests of distributed builds).
+        shard_tokens = int(os.environ.get("LLM_MODULES_SHARD_TOKENS", 1 << 20))
+        cache = cls.build(folder, examples, key, load, dtype=cfg.cache_dtype, shard_tokens=shard_tokens, pad_id=pad,
+                          rank=rank, world_size=world_size, log=log)
         if world_size > 1:
             if barrier is None:
                 raise ValueError("a distributed feature-cache build needs a barrier")

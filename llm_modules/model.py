@@ -96,6 +96,8 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_
     Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory
     holds one chunk of fp32 logits instead of all of them.
     """
+    if hidden.shape[0] <= chunk_size:
+        return _ce_sum(hidden, weight, labels)  # one chunk: nothing to save by recomputing
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[i : i + chunk_size], labels[i : i + chunk_size]
@@ -250,18 +252,22 @@ class LLMModule(nn.Module):
             positions = self.small_position_ids(trunk_mask)
         hidden, _ = self.generation(embeds, trunk_mask, positions)
         out = ModuleOutput()
-        if return_logits or (labels is not None and not loss_chunk_size):
+        if return_logits:
             out.logits = self.generation.lm_head(hidden)
         if labels is not None:
             shift = labels[:, 1:].reshape(-1)
             out.num_tokens = int((shift != -100).sum())
             denom = max(out.num_tokens, 1)
-            if loss_chunk_size:
-                h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-                out.loss = chunked_cross_entropy(h, self.generation.lm_head.weight, shift, loss_chunk_size) / denom
-            else:
+            if out.logits is not None:
                 logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
                 out.loss = F.cross_entropy(logits, shift, ignore_index=-100, reduction="sum") / denom
+            else:
+                # Without logits to return, run the head only where there is a target (answers only,
+                # with assistant-only labels), and in chunks when asked.
+                keep = shift != -100
+                h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
+                out.loss = chunked_cross_entropy(h, self.generation.lm_head.weight, shift[keep],
+                                                 loss_chunk_size or max(1, h.shape[0])) / denom
         return out
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:

@@ -429,7 +429,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
                              f"than {large!r}, whose features are cached")
         module.config.fingerprint = features.fingerprint  # no source loaded: record what the features came from
     if cfg.gradient_checkpointing:
-        module.generation.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trunk = module.generation.trunk
+        if hasattr(trunk, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+            trunk.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = module.param_groups()
     opt = torch.optim.AdamW(
         [{"params": groups["bridge"], "lr": cfg.lr_bridge, "name": "bridge"},

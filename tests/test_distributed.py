@@ -62,3 +62,16 @@ def test_two_processes_equal_one_with_double_batch(recipe, tmp_path):
     c = load_file(str(tmp_path / "mixed" / "last" / "model.safetensors"))
     assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-5
     assert _losses(tmp_path / "mixed")[0] == pytest.approx(l1, abs=1e-5)
+
+
+def test_feature_cache_built_by_two_ranks(recipe, tmp_path):
+    """Each rank writes its share of the shards; training from them matches a live single-process run."""
+    _run([sys.executable, "-m", "llm_modules.cli", "train", "--config", str(recipe("live", batch_size=10, epochs=1))])
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+          "-m", "llm_modules.cli", "train", "--config",
+          str(recipe("cached", batch_size=5, epochs=1, feature_cache=True, cache_dir=str(tmp_path / "fc")))],
+         {"LLM_MODULES_SHARD_TOKENS": "400"})
+    index = json.loads((tmp_path / "fc" / "index.json").read_text())
+    assert len(index["shards"]) >= 2
+    (l1, v1), (l2, v2) = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
+    assert len(l1) == len(l2) and max(abs(a - b) for a, b in zip(l1 + v1, l2 + v2)) <= 2e-3

@@ -79,3 +79,11 @@ def test_packing_trains_on_fewer_rows(cfg):
     packed = train(cfg(epochs=6, packing=True, output_dir=cfg().output_dir + "_p"), log=lambda s: None)
     assert packed.steps < plain.steps  # 3x the epochs in fewer steps: ~40-token examples packed into 256-token rows
     assert packed.best_val_loss < 0.7 * packed.first_val_loss
+
+
+def test_gradient_checkpointing_gives_the_same_losses(cfg, tmp_path):
+    a = train(cfg(epochs=1, dropout=0.0, output_dir=str(tmp_path / "a")), log=lambda s: None)
+    b = train(cfg(epochs=1, dropout=0.0, gradient_checkpointing=True, output_dir=str(tmp_path / "b")), log=lambda s: None)
+    la = [r["loss"] for r in a.records if "loss" in r]
+    lb = [r["loss"] for r in b.records if "loss" in r]
+    assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5

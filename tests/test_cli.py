@@ -1,0 +1,96 @@
+"""The command line: each verb end to end on tiny local models, and one-line errors."""
+
+import io
+import json
+
+import pytest
+
+from llm_modules.chat import chat_loop
+from llm_modules.cli import main
+from llm_modules.fixtures import arith_rows
+
+
+@pytest.fixture(scope="module")
+def trained(fx, tmp_path_factory):
+    """A tiny module trained for a few steps through `llm-modules train`, plus its data."""
+    tmp = tmp_path_factory.mktemp("cli")
+    data = tmp / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in arith_rows(40, seed=5)))
+    recipe = tmp / "r.yaml"
+    recipe.write_text(f"large_model: {fx['large_qwen2']}\nsmall_model: {fx['small_gpt_neo']}\nsource_dtype: float32\n"
+                      f"num_heads: 4\nadapter_dim: 16\ndata: {data}\nepochs: 1\nbatch_size: 8\n"
+                      f"output_dir: {tmp / 'run'}\nprogress: false\ntensorboard: false\n")
+    assert main(["train", "--config", str(recipe), "--lr_bridge", "0.003"]) == 0
+    return tmp / "run" / "best", data, recipe
+
+
+def test_info_preset_paper(capsys):
+    assert main(["info", "--preset", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "bridge                    16,446,848" in out and "head                     116,464,128" in out
+
+
+def test_generate_streams_and_eval_compare(trained, tmp_path, capsys):
+    model, data, _ = trained
+    assert main(["generate", "--model", str(model), "What is the sum of 2 and 3?", "--max-new-tokens", "12",
+                 "--system", "Answer briefly."]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["eval", "--model", str(model), "--data", str(data), "--limit", "6", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "6 rows" in out and "perplexity" in out and "exact match" in out
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is the sum of 5 and 5?\nFind the remainder by dividing 7 by 4.\n")
+    assert main(["compare", "--models", str(model), str(model), "--prompts", str(prompts), "--max-new-tokens", "16",
+                 "--system", "Answer briefly."]) == 0
+    out = capsys.readouterr().out
+    assert out.count("## ") == 2 and out.count(str(model)) == 4
+
+
+def test_errors_are_one_line(trained, tmp_path, capsys):
+    model, _, recipe = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"from": "user", "value": "q"}]}\n')
+    assert main(["train", "--config", str(recipe), "--data", str(bad), "--output_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"llm-modules train: error: {bad} line 1: no assistant turn"
+    assert main(["train", "--config", str(recipe), "--epochz", "3"]) == 2
+    assert "unknown key(s): epochz" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "nope"), "x"]) == 2
+    assert "not an llm-modules folder" in capsys.readouterr().err
+    long = "sum " * 400
+    assert main(["generate", "--model", str(model), long]) == 2
+    assert "exceeds the context limit" in capsys.readouterr().err
+
+
+def test_chat_reset_exit_and_interrupt(trained):
+    from llm_modules.model import LLMModule
+
+    module = LLMModule.from_pretrained(trained[0])
+    lines = iter(["What is the sum of 1 and 1?", "/reset", "What is 2?", "/exit", "never read"])
+    seen = []
+
+    def inp(prompt):
+        seen.append(prompt)
+        return next(lines)
+
+    out = io.StringIO()
+    chat_loop(module, "paper", {"max_new_tokens": 8}, system="Answer briefly.", inp=inp, out=out)
+    text = out.getvalue()
+    assert text.count("module> ") == 2 and "(history cleared)" in text and len(seen) == 4
+    assert "error" not in text
+
+    calls = iter(["q1", "/exit"])
+
+    def interrupting(tok_id):
+        raise KeyboardInterrupt  # Ctrl-C during an answer stops the answer, not the chat
+
+    import llm_modules.chat as chat_mod
+
+    real = chat_mod.TextStreamer.put
+    chat_mod.TextStreamer.put = lambda self, t: interrupting(t)
+    try:
+        out = io.StringIO()
+        chat_loop(module, "paper", {"max_new_tokens": 8}, system="Answer briefly.", inp=lambda p: next(calls), out=out)
+    finally:
+        chat_mod.TextStreamer.put = real
+    assert "[stopped]" in out.getvalue()
