@@ -27,6 +27,7 @@ from .data import Example, Formatter, collate, collate_packed, load_examples, pa
 from .evaluate import evaluate_loss
 from .fixtures import resolve
 from .io import atomic_write, atomic_write_text
+from .config import ModuleConfig
 from .model import LLMModule
 from .source import fingerprints_match, load_tokenizer
 
@@ -42,21 +43,19 @@ class TrainConfig:
     """Knowledge source: hub id or local path (`tiny:NAME` = a locally generated fixture)."""
     small_model: str = "tiny:small_gpt_neo"
     """Generation module trunk: hub id or local path."""
-    init_small: str = "pretrained"
-    """pretrained | scratch."""
     init_from: str | None = None
     """Start from a saved llm-modules folder (e.g. a converted reference checkpoint) instead of building."""
-    causal: bool = True
-    """Causal cross-attention (false leaks the future; only for reference compatibility)."""
-    source_dtype: str = "bfloat16"
-    """dtype of the frozen knowledge source."""
-    source_layer: int = -1
-    num_layers: int = 2
-    num_heads: int = 8
-    adapter_dim: int = 256
-    intermediate_dim: int | None = None
-    dropout: float = 0.1
-    gate_init: str = "paper"
+    # The module's own hyper-parameters: defaults and meaning as in ModuleConfig.
+    init_small: str = ModuleConfig.init_small
+    causal: bool = ModuleConfig.causal
+    source_dtype: str = ModuleConfig.source_dtype
+    source_layer: int = ModuleConfig.source_layer
+    num_layers: int = ModuleConfig.num_layers
+    num_heads: int = ModuleConfig.num_heads
+    adapter_dim: int = ModuleConfig.adapter_dim
+    intermediate_dim: int | None = ModuleConfig.intermediate_dim
+    dropout: float = ModuleConfig.dropout
+    gate_init: str = ModuleConfig.gate_init
     # data
     data: str | list[str] = "tiny:arith"
     """Training data: hub dataset name, or local .json/.jsonl/.parquet files or folders."""
@@ -354,9 +353,9 @@ def build_module(cfg: TrainConfig, tokenizer: Any = None, load_source: bool = Tr
         m.bridge.causal = cfg.causal and not m.config.reference_compat
         return m
     if not load_source:
-        from .model import load_trunk
-        from .config import ModuleConfig
         from transformers import AutoConfig
+
+        from .model import load_trunk
 
         tokenizer = tokenizer or load_tokenizer(large)
         mcfg = ModuleConfig(large_model=large, small_model=small, vocab_size=len(tokenizer), **cfg.module_kwargs())
