@@ -97,6 +97,7 @@ class FeatureCache:
         pad_id: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        barrier: Callable[[], None] | None = None,
         log: Callable[[str], None] = print,
     ) -> "FeatureCache | None":
         """Compute and store the features; resumes finished shards. Under several processes each
@@ -119,12 +120,17 @@ class FeatureCache:
             used += n
         progress_path = folder / PROGRESS
         progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
-        if progress.get("key") != key or progress.get("plan") != plan:
+        if (progress.get("key") != key or progress.get("plan") != plan) and rank == 0:
+            # A different build: start over (rank 0 alone clears, the others wait at the barrier).
             progress = {"key": key, "plan": plan, "done": {}}
-            for old in folder.glob("shard-*.safetensors"):
-                old.unlink()
-            if rank == 0:
-                atomic_write_text(progress_path, json.dumps(progress))
+            for old in [*folder.glob("shard-*.safetensors"), *folder.glob("done-*.json")]:
+                old.unlink(missing_ok=True)
+            atomic_write_text(progress_path, json.dumps(progress))
+        if world_size > 1:
+            if barrier is None:
+                raise ValueError("a distributed feature-cache build needs a barrier")
+            barrier()
+            progress = json.loads(progress_path.read_text())
         src = None
         for s, members in enumerate(plan):
             if s % world_size != rank:
@@ -251,10 +257,8 @@ class FeatureCache:
         # Shard size in tokens (env override: small shards for tests of distributed builds).
         shard_tokens = int(os.environ.get("LLM_MODULES_SHARD_TOKENS", 1 << 20))
         cache = cls.build(folder, examples, key, load, dtype=cfg.cache_dtype, shard_tokens=shard_tokens, pad_id=pad,
-                          rank=rank, world_size=world_size, log=log)
+                          rank=rank, world_size=world_size, barrier=barrier, log=log)
         if world_size > 1:
-            if barrier is None:
-                raise ValueError("a distributed feature-cache build needs a barrier")
             barrier()
             if rank == 0:
                 cls.finish(folder, examples, key, cfg.cache_dtype)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
     GPTNeoConfig,
@@ -138,10 +137,6 @@ def make_fixtures(root: str | os.PathLike, vocab_size: int = 512) -> dict[str, s
             save_tiny_model(p, tiny_config(arch, V, **kw), seed, tok if name.startswith("large") else None)
         paths[name] = str(p)
     return paths
-
-
-def load_config(path: str):
-    return AutoConfig.from_pretrained(path)
 
 
 def arith_rows(n: int = 400, seed: int = 0) -> list[dict]:

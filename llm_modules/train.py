@@ -125,6 +125,7 @@ class TrainConfig:
     """Where the feature cache lives (default: OUTPUT_DIR/features)."""
     cache_dtype: str = "float16"
     notes: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata of the run (a description, links); stored with the trainer state, not used."""
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:
@@ -397,6 +398,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     if resume:
         if not (last_dir / STATE_NAME).exists():
             raise FileNotFoundError(f"{last_dir}: nothing to resume (no {STATE_NAME}); run without --resume")
+        # Our own file; it holds RNG states (numpy arrays, tuples) that weights_only cannot load.
         state = torch.load(last_dir / STATE_NAME, weights_only=False)
         changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if state["config"].get(k) != v)
         if changed:
