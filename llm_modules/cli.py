@@ -95,6 +95,13 @@ def _format(args: argparse.Namespace, module) -> str:
     return module.config.extra.get("format", "raw") if args.format == "auto" else args.format
 
 
+def _system(args: argparse.Namespace, model) -> str | None:
+    """--system, else the system prompt the module was trained with (None: the reasoning prompt)."""
+    if args.system is not None:
+        return args.system
+    return model.config.extra.get("system_prompt") if hasattr(model, "bridge") else None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .chat import TextStreamer, answer
     from .data import build_prompt
@@ -103,7 +110,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     fmt = _format(args, module)
     kw = _gen_kwargs(args, module, fmt)
     streamer = TextStreamer(module.tokenizer, sys.stdout, kw["stop_strings"])
-    answer(module, build_prompt(module.tokenizer, fmt, args.prompt, system=args.system), kw, streamer.put, args.truncate)
+    answer(module, build_prompt(module.tokenizer, fmt, args.prompt, system=_system(args, module)), kw, streamer.put,
+           args.truncate)
     sys.stdout.write("\n")
 
 
@@ -112,7 +120,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     module = _load_module(args)
     fmt = _format(args, module)
-    chat_loop(module, fmt, _gen_kwargs(args, module, fmt), system=args.system, truncate=args.truncate)
+    chat_loop(module, fmt, _gen_kwargs(args, module, fmt), system=_system(args, module), truncate=args.truncate)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -126,7 +134,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "raw", "paper", "chat_template"],
                    help="prompt layout (auto: the format the module was trained with, else raw)")
-    p.add_argument("--system", help="system prompt (paper and chat_template formats; default: the reasoning prompt)")
+    p.add_argument("--system", help="system prompt (paper and chat_template formats; default: the one the module was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -264,7 +272,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         fmt = args.format
         if fmt == "auto":
             fmt = model.config.extra.get("format", "raw") if hasattr(model, "bridge") else "raw"
-        texts = [build_prompt(model.tokenizer, fmt, p, system=args.system) for p in prompts]
+        texts = [build_prompt(model.tokenizer, fmt, p, system=_system(args, model)) for p in prompts]
         rows[name] = [extract_answer(a) if "<|begin_of_solution|>" in a else " ".join(a.split())
                       for a in answer_prompts(model, texts, args.max_new_tokens)]
     for i, p in enumerate(prompts):
@@ -279,7 +287,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", required=True, help="llm-modules folders or causal LM ids/paths")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--format", default="auto", choices=["auto", "raw", "paper", "chat_template"])
-    p.add_argument("--system", help="system prompt (paper and chat_template formats; default: the reasoning prompt)")
+    p.add_argument("--system", help="system prompt (paper and chat_template formats; default: the one the module was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_compare)
 

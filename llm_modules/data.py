@@ -237,6 +237,11 @@ class DataReport:
     train: int = 0
     validation: int = 0
     first_bad: list[str] = field(default_factory=list)
+    systems: dict[str, int] = field(default_factory=dict)  # system prompt -> rows (None counted as "")
+
+    def common_system(self) -> str | None:
+        """The system prompt most rows use (what inference should default to), or None."""
+        return max(self.systems, key=self.systems.get) or None if self.systems else None
 
     def summary(self) -> str:
         s = (f"{self.rows} rows: {self.kept} kept, {self.dropped_too_long} dropped as too long"
@@ -261,7 +266,8 @@ def load_examples(
         for where, row in iter_rows(source, split):
             report.rows += 1
             try:
-                ex = formatter.encode(parse_row(row, where))
+                conv = parse_row(row, where)
+                ex = formatter.encode(conv)
             except DataError as e:
                 if not skip_bad_rows:
                     raise
@@ -272,6 +278,8 @@ def load_examples(
             if len(ex.input_ids) > max_length:
                 report.dropped_too_long += 1
                 continue
+            system = conv.system if conv.system is not None else (formatter.system_prompt or "")
+            report.systems[system] = report.systems.get(system, 0) + 1
             out.append(ex)
     report.kept = len(out)
     return out, report

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from .data import Example, Formatter, collate, collate_packed, load_examples, pack_indices, split_examples
+from .data import DataReport, Example, Formatter, collate, collate_packed, load_examples, pack_indices, split_examples
 from .evaluate import evaluate_loss
 from .fixtures import resolve
 from .io import atomic_write, atomic_write_text
@@ -310,8 +310,8 @@ def effective_max_length(cfg: TrainConfig, position_limit: int | None) -> int:
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Any, position_limit: int | None, log: Callable[[str], None] = print
-                 ) -> tuple[list[Example], list[Example]]:
-    """Load, format, length-filter and split; returns (train, validation)."""
+                 ) -> tuple[list[Example], list[Example], DataReport]:
+    """Load, format, length-filter and split; returns (train, validation, report)."""
     kw = {"system_prompt": cfg.system_prompt} if cfg.system_prompt is not None else {}
     fmt = Formatter(tokenizer, cfg.format, cfg.loss_on, **kw)
     max_len = effective_max_length(cfg, position_limit)
@@ -330,7 +330,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, position_limit: int | None, l
     log("data: " + report.summary())
     if not train:
         raise ValueError("no training examples left after filtering")
-    return train, val
+    return train, val, report
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -419,7 +419,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         module = build_module(cfg, tokenizer, load_source=not cfg.feature_cache)
     module.config.extra.update({"format": cfg.format, "loss_on": cfg.loss_on})
     limit = None if module.config.reference_compat else module.generation.position_limit
-    train_ex, val_ex = prepare_data(cfg, tokenizer, limit, say)
+    train_ex, val_ex, report = prepare_data(cfg, tokenizer, limit, say)
+    # What inference defaults to: the prompt format and the system prompt the module was trained with.
+    module.config.extra.update({"system_prompt": report.common_system()})
     if cfg.feature_cache:
         from .features import FeatureCache
 
@@ -638,5 +640,5 @@ def build_feature_cache(cfg: TrainConfig, log: Callable[[str], None] = print) ->
     if not cfg.init_from:  # a converted reference module is cut, not filtered, at its limit
         small = AutoConfig.from_pretrained(resolve(cfg.small_model))
         limit = getattr(small, "max_position_embeddings", None) or getattr(small, "n_positions", None)
-    train_ex, val_ex = prepare_data(cfg, tokenizer, limit, log)
+    train_ex, val_ex, _ = prepare_data(cfg, tokenizer, limit, log)
     return FeatureCache.for_training(cfg, train_ex + val_ex, tokenizer, log=log)

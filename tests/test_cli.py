@@ -32,8 +32,10 @@ def test_info_preset_paper(capsys):
 
 def test_generate_streams_and_eval_compare(trained, tmp_path, capsys):
     model, data, _ = trained
-    assert main(["generate", "--model", str(model), "What is the sum of 2 and 3?", "--max-new-tokens", "12",
-                 "--system", "Answer briefly."]) == 0
+    # The module remembers the format and system prompt it was trained with.
+    cfg = json.loads((model / "llm_module.json").read_text())
+    assert cfg["extra"]["format"] == "paper" and cfg["extra"]["system_prompt"] == "Answer briefly."
+    assert main(["generate", "--model", str(model), "What is the sum of 2 and 3?", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.strip()
     assert main(["eval", "--model", str(model), "--data", str(data), "--limit", "6", "--max-new-tokens", "24"]) == 0
     out = capsys.readouterr().out
