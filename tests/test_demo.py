@@ -59,5 +59,9 @@ def test_quick_demo_writes_report(tmp_path):
     assert summary["results"]["small fine-tuned"]["trainable"] < summary["results"]["LLM Module (frozen large + bridge + small)"]["trainable"]
     # a second run reuses the cached pretrained models
     logs = []
-    run_demo(DemoConfig.quick(out=str(tmp_path / "out2"), cache_dir=str(tmp_path / "cache")), log=logs.append)
+    again = run_demo(DemoConfig.quick(out=str(tmp_path / "out2"), cache_dir=str(tmp_path / "cache")), log=logs.append)
     assert any("pretrained models: reusing" in s for s in logs)
+    # deterministic from the seed: the same numbers again
+    for name, r in summary["results"].items():
+        r2 = again["results"][name]
+        assert (r["heldout"], r["trained"], r["val_loss"]) == (r2["heldout"], r2["trained"], r2["val_loss"])

@@ -87,3 +87,10 @@ def test_gradient_checkpointing_gives_the_same_losses(cfg, tmp_path):
     la = [r["loss"] for r in a.records if "loss" in r]
     lb = [r["loss"] for r in b.records if "loss" in r]
     assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5
+
+
+def test_bf16_autocast_with_bf16_source_and_packing(cfg, tmp_path):
+    """The GPU configuration (bf16 autocast, bf16 source, packed rows) runs end to end and learns."""
+    r = train(cfg(precision="bf16", source_dtype="bfloat16", packing=True, epochs=4,
+                  output_dir=str(tmp_path / "bf")), log=lambda s: None)
+    assert r.best_val_loss < 0.8 * r.first_val_loss
