@@ -96,3 +96,17 @@ def test_chat_reset_exit_and_interrupt(trained):
     finally:
         chat_mod.TextStreamer.put = real
     assert "[stopped]" in out.getvalue()
+
+
+def test_info_from_local_configs_and_saved_module(fx, trained, capsys):
+    from llm_modules.info import parameter_counts
+    from llm_modules.model import LLMModule
+
+    assert main(["info", "--large", fx["large_qwen2"], "--small", fx["small_gpt_neo"], "--num-heads", "4",
+                 "--adapter-dim", "16"]) == 0
+    from_configs = capsys.readouterr().out
+    assert main(["info", "--model", str(trained[0])]) == 0
+    from_module = capsys.readouterr().out
+    counts = parameter_counts(LLMModule.from_pretrained(trained[0]))
+    line = f"{counts['trained']:,}"
+    assert line in from_configs and line in from_module
