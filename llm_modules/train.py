@@ -389,6 +389,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    # Accelerate keeps one state per process; a later run in the same process (a notebook, the demo,
+    # tests) may want another precision. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(mixed_precision=_mixed_precision(cfg.precision, use_cpu), cpu=use_cpu)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     say = log if main else (lambda s: None)
