@@ -33,3 +33,25 @@ def build(fx):
         return LLMModule.build(fx[large], fx[small], **kw)
 
     return _build
+
+
+@pytest.fixture
+def tiny_train_config(fx, tmp_path):
+    """make(rows, data_seed, **overrides) -> a TrainConfig on the tiny fixtures and arithmetic rows."""
+    import json
+
+    from llm_modules.fixtures import arith_rows
+    from llm_modules.train import TrainConfig
+
+    def make(rows: int = 120, data_seed: int = 1, **kw):
+        data = tmp_path / f"arith-{rows}-{data_seed}.jsonl"
+        if not data.exists():
+            data.write_text("".join(json.dumps(r) + "\n" for r in arith_rows(rows, seed=data_seed)))
+        base = dict(large_model=fx["large_qwen2"], small_model=fx["small_gpt_neo"], source_dtype="float32",
+                    num_heads=4, adapter_dim=16, data=str(data), max_length=256, epochs=2, batch_size=8,
+                    lr_bridge=3e-3, lr_small=3e-3, warmup_steps=2, output_dir=str(tmp_path / "run"),
+                    progress=False, tensorboard=False, log_every=1)
+        base.update(kw)
+        return TrainConfig.from_dict(base)
+
+    return make

@@ -9,21 +9,14 @@ from llm_modules.data import Formatter, parse_row
 from llm_modules.features import FeatureCache, cache_key
 from llm_modules.fixtures import arith_rows
 from llm_modules.source import KnowledgeSource, fingerprint_from_files
-from llm_modules.train import TrainConfig, train
+from llm_modules.train import train
 
 
 @pytest.fixture
-def cfg(fx, tmp_path):
-    data = tmp_path / "arith.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in arith_rows(80, seed=2)))
-
+def cfg(tiny_train_config, tmp_path):
     def make(**kw):
-        base = dict(large_model=fx["large_qwen2"], small_model=fx["small_gpt_neo"], source_dtype="float32",
-                    num_heads=4, adapter_dim=16, data=str(data), epochs=2, batch_size=8, lr_bridge=3e-3,
-                    lr_small=3e-3, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-                    progress=False, tensorboard=False, log_every=1, dropout=0.0)
-        base.update(kw)
-        return TrainConfig.from_dict(base)
+        kw = {"warmup_steps": 0, "dropout": 0.0, "cache_dir": str(tmp_path / "cache"), **kw}
+        return tiny_train_config(rows=80, data_seed=2, **kw)
 
     return make
 

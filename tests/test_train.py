@@ -3,24 +3,12 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from llm_modules.fixtures import arith_rows
 from llm_modules.train import TrainConfig, parse_overrides, train
 
 
 @pytest.fixture
-def cfg(fx, tmp_path):
-    data = tmp_path / "arith.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in arith_rows(120, seed=1)))
-
-    def make(**kw):
-        base = dict(large_model=fx["large_qwen2"], small_model=fx["small_gpt_neo"], source_dtype="float32",
-                    num_heads=4, adapter_dim=16, data=str(data), max_length=256, epochs=2, batch_size=8,
-                    lr_bridge=3e-3, lr_small=3e-3, warmup_steps=2, output_dir=str(tmp_path / "run"),
-                    progress=False, tensorboard=False, log_every=1)
-        base.update(kw)
-        return TrainConfig.from_dict(base)
-
-    return make
+def cfg(tiny_train_config):
+    return tiny_train_config
 
 
 def test_tiny_run_validation_loss_falls(cfg, tmp_path):
