@@ -6,7 +6,7 @@ import sys
 from typing import Any, Callable, TextIO
 
 from .data import build_prompt, default_stop_strings
-from .generate import decode, prepare_prompt
+from .generate import cut_text, decode, prepare_prompt
 
 
 class TextStreamer:
@@ -18,12 +18,7 @@ class TextStreamer:
         self.printed = 0
 
     def text(self) -> str:
-        t = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        for s in self.stops:
-            if s in t:
-                t = t[: t.index(s) + len(s)]
-        eos = self.tokenizer.eos_token
-        return t.split(eos)[0] if eos and eos in t else t
+        return cut_text(self.tokenizer.decode(self.ids, skip_special_tokens=False), self.stops, self.tokenizer.eos_token)
 
     def put(self, token_id: int) -> None:
         self.ids.append(token_id)
@@ -83,9 +78,6 @@ def chat_loop(module: Any, fmt: str, gen_kwargs: dict[str, Any], system: str | N
             out.write(f"\nerror: {e}\n")
             continue
         out.write("\n")
-        text = streamer.text()
-        for s in stops:
-            text = text.split(s)[0] + (s if s in text else "")
         history.append(("user", q))
-        history.append(("assistant", text.strip()))
+        history.append(("assistant", streamer.text().strip()))
 

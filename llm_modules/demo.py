@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPTNeoConfig, PreTrainedModel, Qwen2Config
 
 from .data import Example, Formatter, build_prompt, collate, parse_row
-from .evaluate import extract_answer
+from .evaluate import answer_prompts, extract_answer
 from .fixtures import default_cache_dir, train_tokenizer
 from .io import atomic_dir, atomic_write, atomic_write_text
 from .source import load_tokenizer
@@ -145,33 +145,11 @@ def lm_task_loss(model: PreTrainedModel, examples: Sequence[Example], pad_id: in
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def lm_generate(model: PreTrainedModel, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-                batch_size: int = 32) -> list[str]:
-    """Greedy continuations of `prompts` by a plain causal LM (left padding)."""
-    tokenizer.padding_side = "left"
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=False)
-    tokenizer.padding_side = "right"
-    return out
-
-
-def module_generate(module: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy answers of an LLM Module (cached decoding, stops at <|end_of_solution|>)."""
-    tok = module.tokenizer
-    tok.padding_side = "left"
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = module.generate(enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens,
-                              stop_strings=["<|end_of_solution|>"])
-        out += tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=False)
-    tok.padding_side = "right"
-    return out
+def generate_answers(model: Any, prompts: Sequence[str], max_new_tokens: int, tokenizer: Any = None) -> list[str]:
+    """Greedy answers of an LLM Module or a plain causal LM (given its tokenizer), batched."""
+    if tokenizer is not None:
+        model.tokenizer = tokenizer
+    return answer_prompts(model, prompts, max_new_tokens, batch_size=32)
 
 
 def completion_answer(text: str) -> str:
@@ -240,7 +218,7 @@ def small_config(cfg: DemoConfig, vocab: int, tok: Any) -> GPTNeoConfig:
 
 
 def large_fact_accuracy(large: PreTrainedModel, tok: Any, facts: Sequence[Fact]) -> float:
-    outs = lm_generate(large, tok, [f.stem() for f in facts], max_new_tokens=6)
+    outs = generate_answers(large, [f.stem() for f in facts], 6, tok)
     return sum(completion_answer(o) == f.value for o, f in zip(outs, facts)) / max(1, len(facts))
 
 
@@ -302,7 +280,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     secs = time.perf_counter() - t
     hl = evaluate_loss(module, held_ex, 32, pad)
     n_train = sum(p.numel() for _, p in module.trainable_named_parameters())
-    ho, tr, fx = (module_generate(module, prompts(fs), max_new) for fs in (world.heldout_facts, trained_sample, fixed))
+    ho, tr, fx = (generate_answers(module, prompts(fs), max_new) for fs in (world.heldout_facts, trained_sample, fixed))
     results["LLM Module (frozen large + bridge + small)"] = dict(
         **scores(ho, tr), val_loss=hl["loss"], ppl=hl["perplexity"], trainable=n_train, seconds=secs)
     answers["LLM Module (frozen large + bridge + small)"] = fx
@@ -322,7 +300,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
                                kd_alpha=cfg.kd_alpha)
         secs = time.perf_counter() - t
         vl = lm_task_loss(model, held_ex, pad)
-        ho, tr, fx = (lm_generate(model, tok, prompts(fs), max_new) for fs in (world.heldout_facts, trained_sample, fixed))
+        ho, tr, fx = (generate_answers(model, prompts(fs), max_new, tok) for fs in (world.heldout_facts, trained_sample, fixed))
         results[name] = dict(**scores(ho, tr), val_loss=vl, ppl=math.exp(min(vl, 50)),
                              trainable=sum(p.numel() for p in model.parameters()), seconds=secs)
         answers[name] = fx
@@ -330,7 +308,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         log(_row_line(name, results[name]))
 
     # 5. large alone, prompted in its corpus form
-    ho, tr, fx = (lm_generate(large, tok, [f.stem() for f in fs], 6) for fs in (world.heldout_facts, trained_sample, fixed))
+    ho, tr, fx = (generate_answers(large, [f.stem() for f in fs], 6, tok) for fs in (world.heldout_facts, trained_sample, fixed))
     key = "large model alone (corpus-form prompts)"
     results[key] = dict(**scores(ho, tr, completion_answer), val_loss=None, ppl=None, trainable=0,
                         seconds=pre.get("large_seconds", 0.0))

@@ -75,6 +75,8 @@ def load_any(path: str) -> Any:
 def answer_prompts(model: Any, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
                    stop_strings: Sequence[str] = ("<|end_of_solution|>",)) -> list[str]:
     """Greedy answers of an LLM Module or a plain causal LM to already formatted prompts."""
+    from .generate import cut_text
+
     tok = model.tokenizer
     side = tok.padding_side
     tok.padding_side = "left"
@@ -91,12 +93,8 @@ def answer_prompts(model: Any, prompts: Sequence[str], max_new_tokens: int = 256
             else:
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            for row in tok.batch_decode(gen[:, ids.shape[1]:].cpu(), skip_special_tokens=False):
-                row = row.split(tok.eos_token)[0] if tok.eos_token else row
-                for s in stop_strings:
-                    if s in row:
-                        row = row[: row.index(s) + len(s)]
-                out.append(row)
+            rows = tok.batch_decode(gen[:, ids.shape[1]:].cpu(), skip_special_tokens=False)
+            out += [cut_text(row, stop_strings, tok.eos_token) for row in rows]
     finally:
         tok.padding_side = side
     return out
@@ -126,6 +124,8 @@ def evaluate_dataset(module: Any, data: str, fmt: str | None = None, max_new_tok
     prompts, refs = [], []
     for c in convs:
         last = max(i for i, (r, _) in enumerate(c.turns) if r == "assistant")
+        if last == 0 or c.turns[last - 1][0] != "user":
+            raise DataError(f"{c.where}: the last assistant turn does not answer a user turn")
         history, question = c.turns[: last - 1], c.turns[last - 1][1]
         prompts.append(build_prompt(module.tokenizer, fmt, question, history, c.system))
         refs.append(c.turns[last][1])

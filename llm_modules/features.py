@@ -101,8 +101,8 @@ class FeatureCache:
         log: Callable[[str], None] = print,
     ) -> "FeatureCache | None":
         """Compute and store the features; resumes finished shards. Under several processes each
-        rank writes shards rank, rank + world, ...; rank 0 then writes the index (returns None
-        on the other ranks: call `open` after a barrier)."""
+        rank writes shards rank, rank + world, ... and returns None; after a barrier rank 0 calls
+        `finish` to write the index, and every rank `open`s it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         uniq: dict[str, Example] = {}
@@ -122,22 +122,20 @@ class FeatureCache:
         progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
         if (progress.get("key") != key or progress.get("plan") != plan) and rank == 0:
             # A different build: start over (rank 0 alone clears, the others wait at the barrier).
-            progress = {"key": key, "plan": plan, "done": {}}
             for old in [*folder.glob("shard-*.safetensors"), *folder.glob("done-*.json")]:
                 old.unlink(missing_ok=True)
-            atomic_write_text(progress_path, json.dumps(progress))
+            atomic_write_text(progress_path, json.dumps({"key": key, "plan": plan}))
         if world_size > 1:
             if barrier is None:
                 raise ValueError("a distributed feature-cache build needs a barrier")
             barrier()
-            progress = json.loads(progress_path.read_text())
+        done = _finished_shards(folder)
         src = None
         for s, members in enumerate(plan):
             if s % world_size != rank:
                 continue
             path = folder / f"shard-{s:05d}.safetensors"
-            done = progress["done"].get(str(s))
-            if done and path.exists() and file_sha256(path) == done:
+            if s in done and path.exists() and file_sha256(path) == done[s]:
                 continue  # finished in an earlier, interrupted build
             if src is None:
                 src = source() if callable(source) and not isinstance(source, KnowledgeSource) else source
@@ -150,30 +148,26 @@ class FeatureCache:
                                   f"{free / 2**30:.2f} GiB is free; free space or set cache_dir elsewhere")
             states = _run_source(src, [uniq[i] for i in members], batch_size, pad_id, torch_dtype(dtype))
             atomic_write(path, lambda tmp: save_file({"states": states}, tmp))
-            progress["done"][str(s)] = file_sha256(path)
-            if world_size == 1:
-                atomic_write_text(progress_path, json.dumps(progress))
-            else:
-                atomic_write_text(folder / f"done-{s:05d}.json", json.dumps({"sha256": progress["done"][str(s)]}))
-        if rank != 0:
+            # One record per shard, so ranks never write the same file.
+            atomic_write_text(folder / f"done-{s:05d}.json", json.dumps({"sha256": file_sha256(path)}))
+        if world_size > 1:
             return None
-        return None if world_size > 1 else cls._write_index(folder, key, plan, uniq, progress["done"], dtype)
+        return cls._write_index(folder, key, plan, uniq, dtype)
 
     @classmethod
     def finish(cls, folder: str | os.PathLike, examples: Sequence[Example], key: dict[str, Any], dtype: str) -> "FeatureCache":
-        """Rank 0, after every rank's `build`: gather the shard checksums and write the index."""
+        """Rank 0, after every rank's `build`: write the index over all ranks' shards."""
         folder = Path(folder)
-        progress = json.loads((folder / PROGRESS).read_text())
-        for f in folder.glob("done-*.json"):
-            progress["done"][str(int(f.stem.split("-")[1]))] = json.loads(f.read_text())["sha256"]
+        plan = json.loads((folder / PROGRESS).read_text())["plan"]
         uniq: dict[str, Example] = {}
         for e in examples:
             uniq.setdefault(example_id(e), e)
-        return cls._write_index(folder, key, progress["plan"], uniq, progress["done"], dtype)
+        return cls._write_index(folder, key, plan, uniq, dtype)
 
     @classmethod
     def _write_index(cls, folder: Path, key: dict[str, Any], plan: list[list[str]], uniq: dict[str, Example],
-                     done: dict[str, str], dtype: str) -> "FeatureCache":
+                     dtype: str) -> "FeatureCache":
+        done = _finished_shards(folder)
         locs: dict[str, list[int]] = {}
         for s, members in enumerate(plan):
             start = 0
@@ -181,7 +175,7 @@ class FeatureCache:
                 n = len(uniq[eid].input_ids)
                 locs[eid] = [s, start, n]
                 start += n
-        index = {"key": key, "dtype": dtype, "shards": [{"file": f"shard-{s:05d}.safetensors", "sha256": done[str(s)]}
+        index = {"key": key, "dtype": dtype, "shards": [{"file": f"shard-{s:05d}.safetensors", "sha256": done[s]}
                                                         for s in range(len(plan))], "examples": locs}
         atomic_write_text(folder / INDEX, json.dumps(index))
         return cls(folder, index)
@@ -268,6 +262,11 @@ class FeatureCache:
                 raise RuntimeError(f"{folder}: feature cache incomplete after the distributed build")
         cache.fingerprint = fp
         return cache
+
+
+def _finished_shards(folder: Path) -> dict[int, str]:
+    """{shard number: sha256} of the shards whose writing completed."""
+    return {int(f.stem.split("-")[1]): json.loads(f.read_text())["sha256"] for f in folder.glob("done-*.json")}
 
 
 @torch.no_grad()

@@ -96,6 +96,14 @@ def process_logits(
     return logits
 
 
+def cut_text(text: str, stop_strings: Sequence[str] = (), eos: str | None = None) -> str:
+    """Generated text up to the end of sequence, and up to (including) the first stop string."""
+    if eos and eos in text:
+        text = text[: text.index(eos)]
+    ends = [text.index(s) + len(s) for s in stop_strings if s and s in text]
+    return text[: min(ends)] if ends else text
+
+
 def prepare_prompt(module: "LLMModule", input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
                    truncate: str | None = None) -> tuple[Tensor, Tensor]:
     """Check the prompt fits the context; with truncate='left' cut it from the left, with a warning."""

@@ -143,8 +143,6 @@ class LLMModule(nn.Module):
             gate_init=config.gate_init,
             causal=config.causal and not config.reference_compat,
         )
-        if config.reference_compat:
-            self.bridge.causal = False
         self.config.small_config = trunk.config.to_dict()
 
     # -- construction ---------------------------------------------------------------------
@@ -352,7 +350,6 @@ class LLMModule(nn.Module):
                 f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
             )
         module.load_state_dict(state, strict=False)
-        module.config.fingerprint = cfg.fingerprint
         return module
 
 

@@ -158,6 +158,7 @@ class KnowledgeSource(nn.Module):
         self.layer = layer
         self.model.requires_grad_(False)
         self.model.eval()
+        self._fingerprint: dict[str, Any] | None = None
 
     @classmethod
     def from_pretrained(cls, name: str, dtype: str = "bfloat16", layer: int = -1, **kwargs: Any) -> "KnowledgeSource":
@@ -177,7 +178,10 @@ class KnowledgeSource(nn.Module):
         return next(self.model.parameters()).dtype
 
     def fingerprint(self) -> dict[str, Any]:
-        return fingerprint(self.model, self.name)
+        # Frozen weights: hash once, not at every checkpoint.
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model, self.name)
+        return self._fingerprint
 
     @torch.no_grad()
     def forward(

@@ -87,3 +87,11 @@ def test_too_long_prompt_is_clear_error_or_cut_left(build):
     with pytest.warns(UserWarning, match="cut from the left: 250 -> 246"):
         out = m.generate(ids, max_new_tokens=10, truncate="left", eos_token_id=[])
     assert out.shape == (1, 256) and torch.equal(out[0, :246], ids[0, 4:])
+
+
+def test_cut_text_at_eos_and_first_stop():
+    from llm_modules.generate import cut_text
+
+    assert cut_text("a <|end_of_solution|> b <|x|>", ["<|x|>", "<|end_of_solution|>"]) == "a <|end_of_solution|>"
+    assert cut_text("abc<eos>def<|x|>", ["<|x|>"], "<eos>") == "abc"
+    assert cut_text("plain", [], None) == "plain"
