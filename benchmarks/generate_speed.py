@@ -12,7 +12,7 @@ import time
 import torch
 
 from common import VOCAB, mid_module, quiet
-from llm_modules.generate import decode
+from llm_modules.decode import decode
 
 
 def timed(fn) -> float:

@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from llm_modules.model import chunked_cross_entropy
+from llm_modules.loss import chunked_cross_entropy
 
 
 def rss_mib() -> float:

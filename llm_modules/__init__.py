@@ -1,10 +1,31 @@
-"""LLM Modules: knowledge transfer from a frozen large LM to a small one through Enhanced Cross-Attention."""
+"""LLM Modules: knowledge transfer from a frozen large LM to a small one through Enhanced Cross-Attention.
 
-from .bridge import Adapter, Bridge, CrossAttention, EnhancedCrossAttention, Gate
-from .config import ModuleConfig
-from .model import GenerationModule, LLMModule
-from .source import KnowledgeSource
+Names are imported on first use, so `import llm_modules` (and the CLI's --help) does not load
+torch or transformers.
+"""
 
-__all__ = ["Adapter", "Bridge", "CrossAttention", "EnhancedCrossAttention", "Gate", "GenerationModule",
-           "KnowledgeSource", "LLMModule", "ModuleConfig"]
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModuleConfig": "config", "PromptConfig": "config",
+    "Adapter": "bridge", "Bridge": "bridge", "CrossAttention": "bridge", "EnhancedCrossAttention": "bridge",
+    "Gate": "bridge",
+    "KnowledgeSource": "source",
+    "GenerationModule": "model", "LLMModule": "model", "DecodeState": "model",
+    "generate": "decode", "decode": "decode",
+    "TrainConfig": "training.recipe", "Trainer": "training.trainer", "train": "training.trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llm_modules' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -19,36 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def cross_attention_mask(
-    key_mask: Tensor,
-    query_len: int,
-    *,
-    causal: bool = True,
-    past_len: int = 0,
-) -> Tensor:
-    """Boolean mask [B, 1, Tq, Tk] (True = may attend) for the bridge's cross-attention.
-
-    `key_mask` is [B, Tk]: 0 for padding, otherwise a segment id (1 for unpacked rows; packed rows
-    number their examples 1, 2, ...). Query i sits at absolute position past_len + i. With
-    `causal`, it reads keys at positions <= its own; it never reads padding or another segment.
-    A query with nothing to read (a padding position) reads its own key so softmax stays finite;
-    its output is never used.
-    """
-    B, Tk = key_mask.shape
-    device = key_mask.device
-    q_pos = torch.arange(past_len, past_len + query_len, device=device)
-    k_pos = torch.arange(Tk, device=device)
-    allowed = (key_mask > 0)[:, None, :].expand(B, query_len, Tk)
-    if causal:
-        allowed = allowed & (k_pos[None, None, :] <= q_pos[None, :, None])
-    if query_len == Tk and past_len == 0 and key_mask.max() > 1:
-        # Packed rows: no attention across example boundaries.
-        allowed = allowed & (key_mask[:, :, None] == key_mask[:, None, :])
-    own = k_pos[None, None, :] == q_pos[None, :, None]
-    empty = ~allowed.any(-1, keepdim=True)
-    allowed = allowed | (empty & own)
-    return allowed[:, None]
+from .masks import cross_attention_mask
 
 
 class CrossAttention(nn.Module):

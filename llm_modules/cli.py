@@ -26,15 +26,15 @@ def _quiet() -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, GPTNeoConfig, Qwen2Config
 
+    from pathlib import Path
+
+    from .config import ModuleConfig
+    from .info import format_counts, module_from_configs, parameter_counts
+    from .model import module_config_path, trunk_from_config_dict
     from .source import load_tokenizer
 
-    from .info import format_counts, module_from_configs, parameter_counts
-    from .model import CONFIG_NAME
-    from .config import ModuleConfig
-    from .model import trunk_from_config_dict
-
     if args.model:
-        cfg = ModuleConfig.load(os.path.join(args.model, CONFIG_NAME))
+        cfg = ModuleConfig.load(module_config_path(Path(args.model)))
         large = AutoConfig.from_pretrained(args.large or cfg.large_model)
         small = trunk_from_config_dict(cfg.small_config).config
         vocab = cfg.vocab_size
@@ -77,9 +77,10 @@ def _load_module(args: argparse.Namespace):
 
     from .model import LLMModule
 
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module = LLMModule.from_pretrained(args.model, large_model=args.large, ignore_fingerprint=args.ignore_fingerprint,
                                        source_dtype=args.source_dtype)
-    return module.to(torch.device(args.device)).eval()
+    return module.to(torch.device(device)).eval()
 
 
 def _gen_kwargs(args: argparse.Namespace, module, fmt: str) -> dict:
@@ -91,19 +92,22 @@ def _gen_kwargs(args: argparse.Namespace, module, fmt: str) -> dict:
                 stop_strings=stops)
 
 
-def _format(args: argparse.Namespace, module) -> str:
-    return module.config.extra.get("format", "raw") if args.format == "auto" else args.format
+def _format(args: argparse.Namespace, model) -> str:
+    """--format, else the module's training format (raw for a plain causal LM)."""
+    if args.format != "auto":
+        return args.format
+    return model.config.prompt.format if hasattr(model, "bridge") else "raw"
 
 
 def _system(args: argparse.Namespace, model) -> str | None:
     """--system, else the system prompt the module was trained with (None: the reasoning prompt)."""
     if args.system is not None:
         return args.system
-    return model.config.extra.get("system_prompt") if hasattr(model, "bridge") else None
+    return model.config.prompt.system_prompt if hasattr(model, "bridge") else None
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .chat import TextStreamer, answer
+    from .inference.chat import TextStreamer, answer
     from .data import build_prompt
 
     module = _load_module(args)
@@ -116,7 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .chat import chat_loop
+    from .inference.chat import chat_loop
 
     module = _load_module(args)
     fmt = _format(args, module)
@@ -128,12 +132,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--large", help="knowledge source to attach (default: the one named in the module's config)")
     p.add_argument("--ignore-fingerprint", action="store_true", help="attach a knowledge source that differs from the one trained with")
     p.add_argument("--source-dtype", choices=["float32", "bfloat16", "float16"], help="dtype to run the knowledge source in")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
+    p.add_argument("--device", default="auto", help="torch device (default auto: cuda if present, else cpu)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "raw", "paper", "chat_template"],
-                   help="prompt layout (auto: the format the module was trained with, else raw)")
+                   help="prompt layout (auto: the format the module was trained with)")
     p.add_argument("--system", help="system prompt (paper and chat_template formats; default: the one the module was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -144,12 +148,6 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--stop", action="append", help="stop string (repeatable; default: <|end_of_solution|> for the paper format)")
     p.add_argument("--truncate", choices=["left"], help="cut a too-long prompt from the left (with a warning) instead of failing")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -168,18 +166,24 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 # -- train ------------------------------------------------------------------------------------
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
-    from .train import TrainConfig, parse_overrides, train
+def _recipe(args: argparse.Namespace, extra: list[str]):
+    """The recipe with its overrides; `tiny:NAME` values become locally generated fixtures."""
+    from .fixtures import resolve_recipe
+    from .training.recipe import TrainConfig, parse_overrides
 
-    cfg = TrainConfig.from_yaml(args.config, parse_overrides(extra))
-    train(cfg, resume=args.resume, stop_after=args.stop_after)
+    return resolve_recipe(TrainConfig.from_yaml(args.config, parse_overrides(extra)))
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    from .training.trainer import train
+
+    train(_recipe(args, extra), resume=args.resume, stop_after=args.stop_after)
 
 
 def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:
-    from .train import TrainConfig, build_feature_cache, parse_overrides
+    from .training.pipeline import build_feature_cache
 
-    cfg = TrainConfig.from_yaml(args.config, parse_overrides(extra))
-    cache = build_feature_cache(cfg)
+    cache = build_feature_cache(_recipe(args, extra))
     print(f"feature cache ready: {cache.folder} ({len(cache.locs)} examples)")
 
 
@@ -193,9 +197,9 @@ def add_cache(sub: argparse._SubParsersAction) -> None:
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    from .train import TrainConfig
+    from .training.recipe import TrainConfig
 
-    keys = ", ".join(TrainConfig.fields())
+    keys = ", ".join(TrainConfig.recipe_keys())
     p = sub.add_parser("train", help="train a module from a recipe",
                        description="Train from a recipe YAML; any recipe key can be overridden as --key value. "
                                    f"Keys: {keys}.")
@@ -231,7 +235,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_dataset
+    from .inference.evaluate import evaluate_dataset
 
     module = _load_module(args)
     r = evaluate_dataset(module, args.data, None if args.format == "auto" else args.format, args.max_new_tokens,
@@ -258,7 +262,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .data import build_prompt
-    from .evaluate import answer_prompts, extract_answer, load_any
+    from .inference.evaluate import answer_prompts, extract_answer, load_any
 
     try:
         prompts = [ln.strip() for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -269,9 +273,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     rows = {}
     for name in args.models:
         model = load_any(name)
-        fmt = args.format
-        if fmt == "auto":
-            fmt = model.config.extra.get("format", "raw") if hasattr(model, "bridge") else "raw"
+        fmt = _format(args, model)
         texts = [build_prompt(model.tokenizer, fmt, p, system=_system(args, model)) for p in prompts]
         rows[name] = [extract_answer(a) if "<|begin_of_solution|>" in a else " ".join(a.split())
                       for a in answer_prompts(model, texts, args.max_new_tokens)]
@@ -311,7 +313,9 @@ def add_convert_reference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--small", default="EleutherAI/gpt-neo-125M", help="config of its GPT-Neo trunk (default EleutherAI/gpt-neo-125M)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-heads", type=int, default=8, help="bridge heads (the reference used 8)")
-    p.add_argument("--source-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--source-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the knowledge source (default float32, as the reference ran Qwen2 under "
+                        "transformers 4.x; bfloat16 changes its logits by up to 2e-2)")
     p.set_defaults(func=cmd_convert_reference)
 
 

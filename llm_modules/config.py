@@ -1,4 +1,7 @@
-"""ModuleConfig: every hyper-parameter of an LLM Module, with a JSON round trip."""
+"""ModuleConfig: every hyper-parameter of an LLM Module, with a JSON round trip.
+
+Imports neither torch nor transformers, so the CLI and recipes read it instantly.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,39 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("causal", "reference")
+FORMATS = ("paper", "chat_template")
+LOSS_ON = ("assistant", "all")
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a name in DTYPES."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+    return getattr(torch, name)
+
+
+def position_limit(hf_config: Any) -> int | None:
+    """Positions a transformers model can address (max_position_embeddings or GPT-2's n_positions)."""
+    return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+
+
+@dataclass
+class PromptConfig:
+    """How text is laid out for the module: set by training, read by generate / chat / eval."""
+
+    format: str = "paper"
+    """paper (the reference's `System: / User: / Assistant:` layout, EOS after each answer) | chat_template."""
+    system_prompt: str | None = None
+    """System prompt for conversations without one (None: the Bespoke-Stratos reasoning prompt)."""
+    loss_on: str = "assistant"
+    """assistant (answer tokens + the EOS that ends them) | all (every non-padding token, as the paper)."""
+
+    def validate(self) -> None:
+        _check("format", self.format, FORMATS)
+        _check("loss_on", self.loss_on, LOSS_ON)
 
 
 @dataclass
@@ -44,40 +80,47 @@ class ModuleConfig:
     gate_init: str = "paper"
     """`paper`: plain Linear gate (starts near 0.5); `closed`: bias -4 so the gate starts near 0 and
     the stream passes through unchanged (as Flamingo's zero-initialised gates)."""
-    causal: bool = True
-    """Query position t reads only source positions <= t. Turning it off leaks the future."""
-    reference_compat: bool = False
-    """Reproduce the reference code's forward exactly: cross-attention masked by padding only
-    (NOT causal: position t reads source states of later tokens, so the training loss leaks the
-    targets and generation sees a different distribution), trunk positions 0..T-1 whatever the
-    padding, inputs cut at the trunk's position limit. Only for importing reference checkpoints."""
+    attention: str = "causal"
+    """`causal`: query position t reads only source positions <= t. `reference`: the reference
+    code's forward exactly: cross-attention masked by padding only (NOT causal: position t reads
+    source states of later tokens, so the training loss leaks the targets and generation sees a
+    different distribution), trunk positions 0..T-1 whatever the padding, inputs cut at the
+    trunk's position limit. Only for importing reference checkpoints."""
     source_dtype: str = "bfloat16"
     """dtype the frozen knowledge source is loaded and run in."""
     vocab_size: int | None = None
     """Size of the new LM head: len(large tokenizer). Filled in when the module is built."""
     fingerprint: dict[str, Any] | None = None
     """Fingerprint of the knowledge source the module was trained against (set on save)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form metadata (training recipe, notes)."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt layout the module was trained with (what inference defaults to)."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Descriptive metadata only (e.g. the checkpoint a module was converted from); never read."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompt, dict):
+            self.prompt = PromptConfig(**self.prompt)
         self.validate()
 
+    @property
+    def causal(self) -> bool:
+        return self.attention == "causal"
+
+    @property
+    def reference_compat(self) -> bool:
+        return self.attention == "reference"
+
     def validate(self) -> None:
-        if self.init_small not in ("pretrained", "scratch"):
-            raise ValueError(f"init_small must be 'pretrained' or 'scratch', got {self.init_small!r}")
-        if self.gate_init not in ("paper", "closed"):
-            raise ValueError(f"gate_init must be 'paper' or 'closed', got {self.gate_init!r}")
-        if self.source_dtype not in DTYPES:
-            raise ValueError(f"source_dtype must be one of {DTYPES}, got {self.source_dtype!r}")
+        _check("init_small", self.init_small, ("pretrained", "scratch"))
+        _check("gate_init", self.gate_init, ("paper", "closed"))
+        _check("source_dtype", self.source_dtype, DTYPES)
+        _check("attention", self.attention, ATTENTION)
         for name in ("num_layers", "num_heads", "adapter_dim"):
             if getattr(self, name) < (0 if name == "num_layers" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.reference_compat:
-            # The reference had no causal mask; the two flags cannot both hold.
-            self.causal = False
+        self.prompt.validate()
 
     # -- JSON round trip -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -85,8 +128,9 @@ class ModuleConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModuleConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """Build from a dict; keys of older versions (causal, reference_compat, extra) are converted."""
+        d = upgrade_legacy_keys(dict(d))
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown ModuleConfig field(s): {', '.join(unknown)}")
         return cls(**d)
@@ -101,12 +145,49 @@ class ModuleConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModuleConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        from .io import read_json
+
+        d = read_json(path)
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object")
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+# Keys a recipe may set on the module (the rest are filled in by building and saving it).
+MODULE_KEYS = ("large_model", "small_model", "init_small", "source_layer", "num_layers", "num_heads", "adapter_dim",
+               "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype")
+PROMPT_KEYS = ("format", "system_prompt", "loss_on")
+
+
+def upgrade_legacy_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """Convert keys of llm-modules 0.1 configs and recipes in place: `causal` / `reference_compat`
+    become `attention`; `extra` (free-form) gives its prompt settings to `prompt`, the rest to `notes`;
+    flat `format` / `system_prompt` / `loss_on` go to `prompt`."""
+    causal, ref = d.pop("causal", None), d.pop("reference_compat", None)
+    for name, value in (("causal", causal), ("reference_compat", ref)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"key {name!r} must be bool, got {value!r}")
+    if ref or causal is False:
+        d.setdefault("attention", "reference")
+    elif causal:
+        d.setdefault("attention", "causal")
+    prompt = dict(d.pop("prompt", None) or {})
+    extra = dict(d.pop("extra", None) or {})
+    for k in PROMPT_KEYS:
+        if k in extra:
+            prompt.setdefault(k, extra.pop(k))
+        if k in d:
+            prompt[k] = d.pop(k)
+    if prompt:
+        d["prompt"] = prompt
+    if extra:
+        d["notes"] = {**extra, **(d.get("notes") or {})}
+    return d
+
+
+def _check(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

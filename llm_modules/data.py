@@ -16,6 +16,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .config import FORMATS, LOSS_ON
+
 # The reasoning system prompt of the paper's data (Bespoke-Stratos); used when a row has none.
 DEFAULT_SYSTEM_PROMPT = (
     "Your role as an assistant involves thoroughly exploring questions through a systematic long thinking "
@@ -26,7 +28,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "format: <|begin_of_solution|> {final formatted, precise, and clear solution} <|end_of_solution|> Now, "
     "try to solve the following question through the above guidelines:"
 )
-FORMATS = ("paper", "chat_template")
 IGNORE = -100
 
 
@@ -140,6 +141,9 @@ def parse_row(row: Any, where: str) -> Conversation:
             continue
         if role == "assistant" and not text.strip():
             raise DataError(f"{where}: {field_name}[{j}] is an empty assistant turn")
+        if role == "assistant" and (not turns or turns[-1][0] != "user"):
+            # An answer must answer something: training and evaluation apply the same rule.
+            raise DataError(f"{where}: {field_name}[{j}] is an assistant turn that does not follow a user turn")
         turns.append((role, text))
     if not any(r == "assistant" for r, _ in turns):
         raise DataError(f"{where}: no assistant turn")
@@ -206,7 +210,7 @@ class Formatter:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-        if self.loss_on not in ("assistant", "all"):
+        if self.loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be 'assistant' or 'all', got {self.loss_on!r}")
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the large tokenizer has no eos token")
@@ -303,6 +307,18 @@ def split_examples(
     return [examples[i] for i in train], [examples[i] for i in val]
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS (as transformers does)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def ensure_pad_token(tokenizer: Any) -> Any:
+    """Give a tokenizer without a pad token its EOS as pad token (needed for padded batches)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, Tensor]:
     """Dynamic padding (right side): pad to the longest row of the batch; labels of padding are -100."""
     T = max(len(e.input_ids) for e in examples)
@@ -363,6 +379,7 @@ def pack_indices(lengths: Sequence[int], max_length: int) -> list[list[int]]:
 
 def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, Tensor]:
     """Like `collate`, but each row holds several examples; attention_mask numbers them 1, 2, ...
+    (the segment-id convention of `llm_modules.masks`).
 
     The first token of each example is never a target (it would be predicted from the previous example).
     """

@@ -18,19 +18,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .config import torch_dtype
 from .data import Example, collate
 from .io import atomic_write, atomic_write_text
-from .source import KnowledgeSource, fingerprint_from_files, torch_dtype
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
+from .source import KnowledgeSource
 
 INDEX = "index.json"
 PROGRESS = "progress.json"
@@ -119,7 +117,8 @@ class FeatureCache:
             plan[-1].append(eid)
             used += n
         progress_path = folder / PROGRESS
-        progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+        progress = _read_record(progress_path)
+        progress = progress if isinstance(progress, dict) else {}
         if (progress.get("key") != key or progress.get("plan") != plan) and rank == 0:
             # A different build: start over (rank 0 alone clears, the others wait at the barrier).
             for old in [*folder.glob("shard-*.safetensors"), *folder.glob("done-*.json")]:
@@ -185,11 +184,8 @@ class FeatureCache:
     def open(cls, folder: str | os.PathLike, key: dict[str, Any], verify: bool = True) -> "FeatureCache | None":
         """The cache at `folder` if its key matches and every shard passes its checksum, else None."""
         folder = Path(folder)
-        try:
-            index = json.loads((folder / INDEX).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        if index.get("key") != key:
+        index = _read_record(folder / INDEX)
+        if not isinstance(index, dict) or index.get("key") != key:
             return None
         if verify:
             for sh in index["shards"]:
@@ -221,52 +217,57 @@ class FeatureCache:
             out[i, : s.shape[0]] = s
         return out.to(device)
 
-    # -- training entry point -------------------------------------------------------------
     @classmethod
-    def for_training(cls, cfg: "TrainConfig", examples: Sequence[Example], tokenizer: Any,
-                     log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
-                     barrier: Callable[[], None] | None = None) -> "FeatureCache":
-        """Open the cache for this run's data, building (or rebuilding) it when absent or stale."""
-        from .fixtures import resolve
+    def open_or_build(cls, folder: str | os.PathLike, examples: Sequence[Example], key: dict[str, Any],
+                      load_source: Callable[[], KnowledgeSource], *, dtype: str, pad_id: int,
+                      log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
+                      barrier: Callable[[], None] | None = None) -> "FeatureCache":
+        """The cache at `folder` for `examples`, building (or rebuilding) it when absent, stale or damaged.
 
-        large = resolve(cfg.large_model)
-        fp = fingerprint_from_files(large)
-        if fp is None:
-            fp = KnowledgeSource.from_pretrained(large, cfg.source_dtype, cfg.source_layer).fingerprint()
-        extra = {"format": cfg.format, "loss_on": cfg.loss_on, "max_length": cfg.max_length,
-                 "source_dtype": cfg.source_dtype}
-        key = cache_key(fp, examples, cfg.source_layer, cfg.cache_dtype, extra)
-        folder = Path(cfg.cache_dir or Path(cfg.output_dir) / "features")
+        `load_source` is called only when something must be computed. Under several processes
+        every rank calls this; each builds its share of the shards.
+        """
+        folder = Path(folder)
         cache = cls.open(folder, key)
         if cache is not None and not cache.missing(examples):
             log(f"feature cache: using {folder} ({len(cache.locs)} examples); the knowledge source is not loaded")
-            cache.fingerprint = fp
             return cache
         if (folder / INDEX).exists():
             log(f"feature cache at {folder} is stale or damaged: rebuilding")
             if rank == 0:
                 (folder / INDEX).unlink()
-        load = lambda: KnowledgeSource.from_pretrained(large, cfg.source_dtype, cfg.source_layer)  # noqa: E731
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Shard size in tokens (env override: small shards for tests of distributed builds).
         shard_tokens = int(os.environ.get("LLM_MODULES_SHARD_TOKENS", 1 << 20))
-        cache = cls.build(folder, examples, key, load, dtype=cfg.cache_dtype, shard_tokens=shard_tokens, pad_id=pad,
+        cache = cls.build(folder, examples, key, load_source, dtype=dtype, shard_tokens=shard_tokens, pad_id=pad_id,
                           rank=rank, world_size=world_size, barrier=barrier, log=log)
         if world_size > 1:
+            assert barrier is not None
             barrier()
             if rank == 0:
-                cls.finish(folder, examples, key, cfg.cache_dtype)
+                cls.finish(folder, examples, key, dtype)
             barrier()
             cache = cls.open(folder, key)
             if cache is None:
                 raise RuntimeError(f"{folder}: feature cache incomplete after the distributed build")
-        cache.fingerprint = fp
         return cache
 
 
+def _read_record(path: Path) -> Any:
+    """A bookkeeping JSON file of the cache, or None when it is missing or damaged (then work is redone)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _finished_shards(folder: Path) -> dict[int, str]:
-    """{shard number: sha256} of the shards whose writing completed."""
-    return {int(f.stem.split("-")[1]): json.loads(f.read_text())["sha256"] for f in folder.glob("done-*.json")}
+    """{shard number: sha256} of the shards whose writing completed (damaged records count as unfinished)."""
+    done = {}
+    for f in folder.glob("done-*.json"):
+        rec = _read_record(f)
+        if isinstance(rec, dict) and isinstance(rec.get("sha256"), str):
+            done[int(f.stem.split("-")[1])] = rec["sha256"]
+    return done
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Tiny local models and a locally trained tokenizer, for tests and the demo (nothing is downloaded).
+"""Tiny local models and a locally trained tokenizer, for tests, the demo and `tiny:NAME` recipe
+values (nothing is downloaded). Never imported by the library's runtime paths.
 
 Everything is written with `save_pretrained` and read back with `from_pretrained(local_dir)`, the
 same path users take with real hub models.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -180,3 +182,16 @@ def resolve(value: str, root: str | os.PathLike | None = None) -> str:
     if key not in paths:
         raise ValueError(f"unknown fixture {value!r}; known: tiny:arith, " + ", ".join(f"tiny:{k}" for k in paths))
     return paths[key]
+
+
+def resolve_recipe(cfg: Any) -> Any:
+    """A TrainConfig whose `tiny:NAME` models and data are replaced by local fixture paths.
+
+    Only the CLI and tests call this: library defaults never name a fixture.
+    """
+    m = cfg.module
+    m.large_model, m.small_model = resolve(m.large_model), resolve(m.small_model) if m.small_model else m.small_model
+    cfg.data = [resolve(d) for d in cfg.data] if isinstance(cfg.data, list) else resolve(cfg.data)
+    if cfg.val_data:
+        cfg.val_data = [resolve(d) for d in cfg.val_data] if isinstance(cfg.val_data, list) else resolve(cfg.val_data)
+    return cfg

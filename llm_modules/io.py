@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 def _fsync_dir(path: Path) -> None:
@@ -74,3 +74,36 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# -- reading artefacts: a damaged file is a one-line error naming it, never a traceback ---------
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed one raises a one-line error naming it."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is damaged or truncated") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read ({e})") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """All tensors of a safetensors file (no code can run); a damaged file is a one-line error naming it."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError and others on bad bytes
+        raise ValueError(f"{path}: not a readable safetensors file, damaged or truncated ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .bridge import Bridge
-from .config import ModuleConfig
-from .io import atomic_dir
-from .source import KnowledgeSource, fingerprints_match, is_packed, load_tokenizer, packed_inputs, position_ids_from_mask
+from .config import ModuleConfig, position_limit
+from .io import atomic_dir, read_safetensors
+from .loss import shifted_loss
+from .masks import cross_attention_mask, decoder_inputs, position_ids_from_mask
+from .source import KnowledgeSource, fingerprints_match, load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "llm_module.json"
@@ -25,10 +25,6 @@ CONFIG_NAME = "llm_module.json"
 
 class FingerprintMismatchError(ValueError):
     """The module was trained against a different knowledge source than the one given."""
-
-
-def _position_limit(config: PretrainedConfig) -> int | None:
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 class GenerationModule(nn.Module):
@@ -46,7 +42,7 @@ class GenerationModule(nn.Module):
         placeholder.requires_grad_(False)
         trunk.set_input_embeddings(placeholder)
         self.lm_head = nn.Linear(trunk.config.hidden_size, vocab_size, bias=False)
-        self.position_limit = _position_limit(trunk.config)
+        self.position_limit = position_limit(trunk.config)
 
     @property
     def hidden_size(self) -> int:
@@ -85,25 +81,18 @@ class ModuleOutput:
     num_tokens: int = 0
 
 
-def _ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+@dataclass
+class DecodeState:
+    """What `LLMModule.step` carries from one decoding step to the next: three caches."""
 
+    attention_mask: Tensor  # [B, T] over all tokens so far (0 = left padding)
+    source_cache: Any = None  # the knowledge source's KV cache
+    trunk_cache: Any = None  # the small trunk's KV cache
+    bridge_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, [B, H, T, Dh]
 
-def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
-    """Sum of cross-entropy over rows of `hidden` [N, S] without materialising [N, V] logits.
-
-    Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory
-    holds one chunk of fp32 logits instead of all of them.
-    """
-    if hidden.shape[0] <= chunk_size:
-        return _ce_sum(hidden, weight, labels)  # one chunk: nothing to save by recomputing
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[i : i + chunk_size], labels[i : i + chunk_size]
-        if (y != -100).any():
-            total = total + checkpoint(_ce_sum, h, weight, y, use_reentrant=False)
-    return total
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
 
 
 class LLMModule(nn.Module):
@@ -141,7 +130,7 @@ class LLMModule(nn.Module):
             intermediate_dim=config.intermediate_dim,
             dropout=config.dropout,
             gate_init=config.gate_init,
-            causal=config.causal and not config.reference_compat,
+            causal=config.causal,
         )
         self.config.small_config = trunk.config.to_dict()
 
@@ -154,9 +143,12 @@ class LLMModule(nn.Module):
         tokenizer: Any = None,
         **config_kwargs: Any,
     ) -> "LLMModule":
-        """Load the knowledge source and the small trunk (pretrained weights unless init_small='scratch')."""
+        """Load the knowledge source and the small trunk (pretrained weights unless init_small='scratch').
+
+        `config_kwargs` are ModuleConfig fields (older names such as causal=False are accepted).
+        """
         small_name = small_model if isinstance(small_model, str) else None
-        cfg = ModuleConfig(large_model=large_model, small_model=small_name, **config_kwargs)
+        cfg = ModuleConfig.from_dict(dict(large_model=large_model, small_model=small_name, **config_kwargs))
         tokenizer = tokenizer or load_tokenizer(large_model)
         cfg.vocab_size = len(tokenizer)
         source = KnowledgeSource.from_pretrained(large_model, cfg.source_dtype, cfg.source_layer)
@@ -194,7 +186,7 @@ class LLMModule(nn.Module):
     def device(self) -> torch.device:
         return self.bridge.pre_proj.weight.device
 
-    # -- forward --------------------------------------------------------------------------
+    # -- running the model: whole sequences (forward) or a few tokens at a time (step) -------
     def check_length(self, length: int) -> None:
         limit = self.generation.position_limit
         if limit is not None and length > limit:
@@ -203,12 +195,10 @@ class LLMModule(nn.Module):
                 f"({limit}, max_position_embeddings of the small model); filter or shorten the input"
             )
 
-    def small_position_ids(self, attention_mask: Tensor) -> Tensor:
-        if self.config.reference_compat:
-            # The reference fed positions 0..T-1 whatever the padding.
-            T = attention_mask.shape[1]
-            return torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-        return position_ids_from_mask(attention_mask)
+    def _source_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.source is None:
+            raise ValueError("this module has no knowledge source attached; pass source_states")
+        return self.source(input_ids, attention_mask)[0]
 
     def forward(
         self,
@@ -222,55 +212,73 @@ class LLMModule(nn.Module):
     ) -> ModuleOutput:
         """Logits [B, T, V] and, given labels, the mean shifted cross-entropy (ignore_index -100).
 
-        `attention_mask`: 0 = padding, 1 = token; packed rows number their examples 1, 2, ... and
-        no attention crosses an example boundary (in the source, the bridge and the trunk).
-
+        `attention_mask` follows the segment-id convention of `llm_modules.masks` (0 padding, 1
+        token, or 1, 2, ... for the examples of a packed row).
         `source_states` skips the knowledge source (e.g. features read from the cache).
         `loss_chunk_size` computes the loss in chunks of that many tokens, never holding the full
         [B, T, V] logits (set return_logits=False to get the memory benefit).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.config.reference_compat and self.generation.position_limit:
-            cut = self.generation.position_limit
-            input_ids, attention_mask = input_ids[:, :cut], attention_mask[:, :cut]
-            labels = labels[:, :cut] if labels is not None else None
-            source_states = source_states[:, :cut] if source_states is not None else None
+        reference = self.config.reference_compat
+        if reference and self.generation.position_limit:
+            # The reference cut its inputs at the trunk's position limit.
+            cut = slice(0, self.generation.position_limit)
+            input_ids, attention_mask = input_ids[:, cut], attention_mask[:, cut]
+            labels = labels[:, cut] if labels is not None else None
+            source_states = source_states[:, cut] if source_states is not None else None
         self.check_length(input_ids.shape[1])
-        packed = is_packed(attention_mask)
         if source_states is None:
-            if self.source is None:
-                raise ValueError("this module has no knowledge source attached; pass source_states")
-            source_states, _ = self.source(input_ids, attention_mask if packed else (attention_mask > 0).long())
+            source_states = self._source_states(input_ids, attention_mask)
         embeds = self.bridge(source_states, attention_mask)
-        if packed:
-            trunk_mask, positions = packed_inputs(attention_mask, embeds.dtype)
-        else:
-            trunk_mask = (attention_mask > 0).long()
-            positions = self.small_position_ids(trunk_mask)
+        trunk_mask, positions = decoder_inputs(attention_mask, embeds.dtype, reference=reference)
         hidden, _ = self.generation(embeds, trunk_mask, positions)
         out = ModuleOutput()
         if return_logits:
             out.logits = self.generation.lm_head(hidden)
         if labels is not None:
-            shift = labels[:, 1:].reshape(-1)
-            out.num_tokens = int((shift != -100).sum())
-            denom = max(out.num_tokens, 1)
-            if out.logits is not None:
-                logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
-                out.loss = F.cross_entropy(logits, shift, ignore_index=-100, reduction="sum") / denom
-            else:
-                # Without logits to return, run the head only where there is a target (answers only,
-                # with assistant-only labels), and in chunks when asked.
-                keep = shift != -100
-                h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
-                out.loss = chunked_cross_entropy(h, self.generation.lm_head.weight, shift[keep],
-                                                 loss_chunk_size or max(1, h.shape[0])) / denom
+            out.loss, out.num_tokens = shifted_loss(labels, logits=out.logits, hidden=hidden,
+                                                    head_weight=self.generation.lm_head.weight,
+                                                    chunk_size=loss_chunk_size)
         return out
 
+    @property
+    def supports_cache(self) -> bool:
+        """Incremental decoding needs a causal bridge: the reference's changes earlier positions as text grows."""
+        return not self.config.reference_compat
+
+    @torch.no_grad()
+    def step(self, new_ids: Tensor, state: DecodeState | None = None,
+             attention_mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
+        """Feed `new_ids` [B, n] (the whole prompt first, then a token at a time); return the last logits [B, V].
+
+        Costs one step of each cache: the source's KV cache, the bridge's cross-attention
+        keys/values over source positions (appended, never recomputed) and the trunk's KV cache.
+        Matches `forward` on the whole text so far.
+        """
+        if not self.supports_cache:
+            raise ValueError("attention 'reference' is not causal: decode it by full recomputation")
+        B, n = new_ids.shape
+        ones = torch.ones(B, n, dtype=torch.long, device=new_ids.device)
+        if state is None:
+            state, past = DecodeState(attention_mask=attention_mask.long() if attention_mask is not None else ones), 0
+        else:
+            past = state.length
+            state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+        mask = state.attention_mask
+        positions = position_ids_from_mask(mask)[:, -n:]
+        h, state.source_cache = self.source(new_ids, mask, positions, cache=state.source_cache, use_cache=True)
+        p, kvs = self.bridge.project_source(h)
+        if state.bridge_kv:
+            kvs = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(state.bridge_kv, kvs)]
+        state.bridge_kv = kvs
+        embeds = self.bridge.stream(p, kvs, cross_attention_mask(mask, n, causal=True, past_len=past))
+        hidden, state.trunk_cache = self.generation(embeds, mask, positions, cache=state.trunk_cache, use_cache=True)
+        return self.generation.lm_head(hidden[:, -1]).float(), state
+
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        """Cached incremental decoding; see llm_modules.generate.generate for the arguments."""
-        from .generate import generate
+        """Cached incremental decoding; see llm_modules.decode.generate for the arguments."""
+        from .decode import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
 
@@ -313,10 +321,8 @@ class LLMModule(nn.Module):
         (training from cached features).
         """
         path = Path(path)
-        cfg_file = path / CONFIG_NAME
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{path}: not an llm-modules folder (no {CONFIG_NAME})")
-        cfg = ModuleConfig.load(cfg_file)
+        cfg = ModuleConfig.load(module_config_path(path))
+        state = read_safetensors(path / WEIGHTS_NAME)  # before the (slow) source: a damaged file fails fast
         if source_dtype:
             cfg.source_dtype = source_dtype
         tokenizer = load_tokenizer(str(path))
@@ -328,29 +334,50 @@ class LLMModule(nn.Module):
             source = KnowledgeSource.from_pretrained(large_model or cfg.large_model, cfg.source_dtype, cfg.source_layer)
         else:
             source_hidden = AutoConfig.from_pretrained(large_model or cfg.large_model).hidden_size
-        if source is not None and cfg.fingerprint and not ignore_fingerprint:
-            have = source.fingerprint()
-            if not fingerprints_match(cfg.fingerprint, have):
-                raise FingerprintMismatchError(
-                    f"{path} was trained against knowledge source {cfg.fingerprint['model']!r} "
-                    f"(config {cfg.fingerprint['config_sha256'][:12]}, weights {cfg.fingerprint['weights_sha256'][:12]}) "
-                    f"but {have['model']!r} differs (config {have['config_sha256'][:12]}, weights "
-                    f"{have['weights_sha256'][:12]}); pass ignore_fingerprint=True (--ignore-fingerprint) to attach it anyway"
-                )
+        if source is not None and not ignore_fingerprint:
+            check_fingerprint(cfg.fingerprint, source.fingerprint(), str(path))
         trunk = trunk_from_config_dict(cfg.small_config)
         module = cls(cfg, trunk, source, source_hidden_size=source_hidden, tokenizer=tokenizer)
-        state = load_file(str(path / WEIGHTS_NAME))
         expected = module.trainable_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
+        wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
             raise ValueError(
                 f"{path / WEIGHTS_NAME}: weights do not match the config "
-                f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+                f"(missing: {_few(missing)}; unexpected: {_few(unexpected)}; wrong shape: {_few(wrong)})"
             )
         module.load_state_dict(state, strict=False)
         return module
+
+
+def check_fingerprint(expected: dict[str, Any] | None, have: dict[str, Any], what: str) -> None:
+    """Raise FingerprintMismatchError when `what` was trained against another knowledge source."""
+    if not expected or fingerprints_match(expected, have):
+        return
+    raise FingerprintMismatchError(
+        f"{what} was trained against knowledge source {expected['model']!r} "
+        f"(config {expected['config_sha256'][:12]}, weights {expected['weights_sha256'][:12]}) "
+        f"but {have['model']!r} differs (config {have['config_sha256'][:12]}, weights "
+        f"{have['weights_sha256'][:12]}); pass ignore_fingerprint=True (--ignore-fingerprint) to attach it anyway"
+    )
+
+
+def module_config_path(path: Path) -> Path:
+    """`path/llm_module.json`, or a one-line error that says what the folder is instead."""
+    cfg_file = path / CONFIG_NAME
+    if cfg_file.is_file():
+        return cfg_file
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such folder")
+    inside = [d for d in ("best", "last") if (path / d / CONFIG_NAME).is_file()]
+    if inside:
+        raise FileNotFoundError(f"{path}: a training run folder, not a module; pass {' or '.join(str(path / d) for d in inside)}")
+    raise FileNotFoundError(f"{path}: not an llm-modules folder (no {CONFIG_NAME})")
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + ("..." if len(keys) > 5 else "") if keys else "none"
 
 
 def trunk_from_config_dict(d: dict[str, Any]) -> PreTrainedModel:

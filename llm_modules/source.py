@@ -11,6 +11,9 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .config import torch_dtype
+from .masks import decoder_inputs
+
 # Config keys that change how a model runs, not what it is.
 _RUNTIME_KEYS = {
     "_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version", "use_cache",
@@ -18,10 +21,6 @@ _RUNTIME_KEYS = {
     "output_hidden_states", "output_attentions", "return_dict", "_commit_hash", "architectures",
     "torchscript", "chunk_size_feed_forward", "problem_type", "_experts_implementation",
 }
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def load_tokenizer(name: str) -> Any:
@@ -41,35 +40,6 @@ def load_tokenizer(name: str) -> Any:
         if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             return PreTrainedTokenizerFast.from_pretrained(name)
     return AutoTokenizer.from_pretrained(name)
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """0, 1, 2, ... over real tokens whatever the padding side; padding gets 0 (never read)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def is_packed(attention_mask: Tensor) -> bool:
-    """Packed rows number their examples 1, 2, ... in the mask; plain rows hold only 0 and 1."""
-    return attention_mask.dim() == 2 and bool(attention_mask.max() > 1)
-
-
-def packed_inputs(segment_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(additive 4-D mask [B, 1, T, T], position ids [B, T]) for rows packing several examples.
-
-    Attention stays causal and inside each example; positions restart at 0 for each example.
-    The mask is additive (0 / dtype min), which every architecture accepts (GPT-Neo adds it).
-    """
-    B, T = segment_ids.shape
-    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
-    positions = torch.where(segment_ids > 0, idx - first, torch.zeros_like(idx))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    allowed = same & (segment_ids[:, None, :] > 0) & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-    allowed = allowed | torch.eye(T, dtype=torch.bool, device=idx.device)  # padding rows stay finite
-    mask = torch.zeros(B, 1, T, T, dtype=dtype, device=idx.device)
-    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min), positions
 
 
 def _config_hash(config: Any) -> str:
@@ -195,10 +165,8 @@ class KnowledgeSource(nn.Module):
         """Hidden states [B, T, L] of the chosen layer, and the KV cache when `use_cache`."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if is_packed(attention_mask):
-            attention_mask, position_ids = packed_inputs(attention_mask, self.dtype)
         if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1]:]
+            attention_mask, position_ids = decoder_inputs(attention_mask, self.dtype)
         want_all = self.layer != -1
         out = self.model(
             input_ids=input_ids,

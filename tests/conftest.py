@@ -41,7 +41,7 @@ def tiny_train_config(fx, tmp_path):
     import json
 
     from llm_modules.fixtures import arith_rows
-    from llm_modules.train import TrainConfig
+    from llm_modules.training import TrainConfig
 
     def make(rows: int = 120, data_seed: int = 1, **kw):
         data = tmp_path / f"arith-{rows}-{data_seed}.jsonl"

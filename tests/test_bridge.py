@@ -1,6 +1,7 @@
 import torch
 
-from llm_modules.bridge import Bridge, Gate, cross_attention_mask
+from llm_modules.bridge import Bridge, Gate
+from llm_modules.masks import cross_attention_mask
 
 
 def test_causal_mask_reads_only_past_and_real_keys():

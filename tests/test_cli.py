@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llm_modules.chat import chat_loop
+from llm_modules.inference.chat import chat_loop
 from llm_modules.cli import main
 from llm_modules.fixtures import arith_rows
 
@@ -34,7 +34,7 @@ def test_generate_streams_and_eval_compare(trained, tmp_path, capsys):
     model, data, _ = trained
     # The module remembers the format and system prompt it was trained with.
     cfg = json.loads((model / "llm_module.json").read_text())
-    assert cfg["extra"]["format"] == "paper" and cfg["extra"]["system_prompt"] == "Answer briefly."
+    assert cfg["prompt"]["format"] == "paper" and cfg["prompt"]["system_prompt"] == "Answer briefly."
     assert main(["generate", "--model", str(model), "What is the sum of 2 and 3?", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.strip()
     assert main(["eval", "--model", str(model), "--data", str(data), "--limit", "6", "--max-new-tokens", "24"]) == 0
@@ -58,7 +58,7 @@ def test_errors_are_one_line(trained, tmp_path, capsys):
     assert main(["train", "--config", str(recipe), "--epochz", "3"]) == 2
     assert "unknown key(s): epochz" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nope"), "x"]) == 2
-    assert "not an llm-modules folder" in capsys.readouterr().err
+    assert "nope: no such folder" in capsys.readouterr().err
     long = "sum " * 400
     assert main(["generate", "--model", str(model), long]) == 2
     assert "exceeds the context limit" in capsys.readouterr().err
@@ -86,7 +86,7 @@ def test_chat_reset_exit_and_interrupt(trained):
     def interrupting(tok_id):
         raise KeyboardInterrupt  # Ctrl-C during an answer stops the answer, not the chat
 
-    import llm_modules.chat as chat_mod
+    import llm_modules.inference.chat as chat_mod
 
     real = chat_mod.TextStreamer.put
     chat_mod.TextStreamer.put = lambda self, t: interrupting(t)

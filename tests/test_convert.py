@@ -106,7 +106,7 @@ def test_converted_module_fine_tunes_causally(fx, converted, tmp_path):
     import json
 
     from llm_modules.fixtures import arith_rows
-    from llm_modules.train import TrainConfig, train
+    from llm_modules.training import TrainConfig, train
 
     _, _, out, _ = converted
     data = tmp_path / "d.jsonl"

@@ -1,8 +1,8 @@
 import json
 
 from llm_modules.demo import DemoConfig, completion_answer, run_demo
-from llm_modules.evaluate import exact_match, extract_answer
-from llm_modules.world import ATTRIBUTES, make_world
+from llm_modules.inference.evaluate import exact_match, extract_answer
+from llm_modules.demo.world import ATTRIBUTES, make_world
 
 
 def test_world_is_deterministic_and_split_by_entity():

@@ -9,7 +9,7 @@ from llm_modules.data import Formatter, parse_row
 from llm_modules.features import FeatureCache, cache_key
 from llm_modules.fixtures import arith_rows
 from llm_modules.source import KnowledgeSource, fingerprint_from_files
-from llm_modules.train import train
+from llm_modules.training import train
 
 
 @pytest.fixture

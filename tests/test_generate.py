@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from llm_modules.generate import decode, process_logits
+from llm_modules.decode import decode, process_logits
 
 from conftest import LARGE, SMALL
 
@@ -90,7 +90,7 @@ def test_too_long_prompt_is_clear_error_or_cut_left(build):
 
 
 def test_cut_text_at_eos_and_first_stop():
-    from llm_modules.generate import cut_text
+    from llm_modules.decode import cut_text
 
     assert cut_text("a <|end_of_solution|> b <|x|>", ["<|x|>", "<|end_of_solution|>"]) == "a <|end_of_solution|>"
     assert cut_text("abc<eos>def<|x|>", ["<|x|>"], "<eos>") == "abc"

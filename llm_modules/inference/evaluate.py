@@ -1,40 +1,19 @@
-"""Evaluation: token-weighted loss / perplexity, and exact-match of answers between solution markers."""
+"""Evaluation of saved modules (and plain causal LMs beside them): greedy answers, exact match of the
+answer between solution markers, and teacher-forced perplexity on a dataset."""
 
 from __future__ import annotations
 
-import contextlib
-import math
+import os
 import re
 from typing import Any, Sequence
 
 import torch
 
-from .data import Example, collate
+from ..data import DataError, Formatter, build_prompt, ensure_pad_token, iter_rows, pad_id, parse_row
+from ..decode import cut_text
+from ..loss import evaluate_loss
 
 SOLUTION_RE = re.compile(r"<\|begin_of_solution\|>(.*?)(?:<\|end_of_solution\|>|$)", re.S)
-
-
-@torch.no_grad()
-def evaluate_loss(module: Any, examples: Sequence[Example], batch_size: int = 8, pad_id: int = 0,
-                  features: Any = None, autocast: Any = None) -> dict[str, float]:
-    """Mean cross-entropy over every labelled token of `examples`, and its perplexity."""
-    was = module.training
-    module.eval()
-    total, count = 0.0, 0
-    try:
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i : i + batch_size]
-            batch = {k: v.to(module.device) for k, v in collate(chunk, pad_id).items()}
-            source_states = features.batch(chunk, module.device) if features is not None else None
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                out = module(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                             source_states=source_states, return_logits=False, loss_chunk_size=4096)
-            total += float(out.loss) * out.num_tokens
-            count += out.num_tokens
-    finally:
-        module.train(was)
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
 def extract_answer(text: str) -> str:
@@ -56,15 +35,13 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def load_any(path: str) -> Any:
     """An LLM Module folder, or any transformers causal LM (id or path) for comparison."""
-    import os
-
-    from .model import CONFIG_NAME, LLMModule
+    from ..model import CONFIG_NAME, LLMModule
 
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return LLMModule.from_pretrained(path).eval()
     from transformers import AutoModelForCausalLM
 
-    from .source import load_tokenizer
+    from ..source import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     model.tokenizer = load_tokenizer(path)
@@ -75,13 +52,9 @@ def load_any(path: str) -> Any:
 def answer_prompts(model: Any, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
                    stop_strings: Sequence[str] = ("<|end_of_solution|>",)) -> list[str]:
     """Greedy answers of an LLM Module or a plain causal LM to already formatted prompts."""
-    from .generate import cut_text
-
-    tok = model.tokenizer
+    tok = ensure_pad_token(model.tokenizer)
     side = tok.padding_side
     tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
@@ -103,9 +76,7 @@ def answer_prompts(model: Any, prompts: Sequence[str], max_new_tokens: int = 256
 def evaluate_dataset(module: Any, data: str, fmt: str | None = None, max_new_tokens: int = 256,
                      batch_size: int = 8, limit: int | None = None, skip_bad_rows: bool = False) -> dict[str, float]:
     """Perplexity on the answers (teacher-forced) and exact match of generated answers, for any supported dataset."""
-    from .data import Formatter, build_prompt, iter_rows, parse_row, DataError
-
-    fmt = fmt or module.config.extra.get("format", "paper")
+    fmt = fmt or module.config.prompt.format
     formatter = Formatter(module.tokenizer, fmt, "assistant")
     convs = []
     for where, row in iter_rows(data):
@@ -119,13 +90,11 @@ def evaluate_dataset(module: Any, data: str, fmt: str | None = None, max_new_tok
     if not convs:
         raise ValueError(f"{data}: no rows to evaluate")
     examples = [formatter.encode(c) for c in convs]
-    pad = module.tokenizer.pad_token_id if module.tokenizer.pad_token_id is not None else module.tokenizer.eos_token_id
-    loss = evaluate_loss(module, examples, batch_size, pad)
+    loss = evaluate_loss(module, examples, batch_size, pad_id(module.tokenizer))
     prompts, refs = [], []
     for c in convs:
+        # parse_row guarantees every assistant turn follows a user turn.
         last = max(i for i, (r, _) in enumerate(c.turns) if r == "assistant")
-        if last == 0 or c.turns[last - 1][0] != "user":
-            raise DataError(f"{c.where}: the last assistant turn does not answer a user turn")
         history, question = c.turns[: last - 1], c.turns[last - 1][1]
         prompts.append(build_prompt(module.tokenizer, fmt, question, history, c.system))
         refs.append(c.turns[last][1])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, TextIO
 
-from .data import build_prompt, default_stop_strings
-from .generate import cut_text, decode, prepare_prompt
+from ..data import build_prompt, default_stop_strings
+from ..decode import cut_text, decode, prepare_prompt
 
 
 class TextStreamer:

@@ -1,68 +1,21 @@
-"""Incremental decoding with three caches, sampling, stop conditions and streaming.
+"""The decoding loop: cached incremental steps (LLMModule.step), sampling, stop conditions, streaming.
 
-Per new token the cost is one knowledge-source step (its KV cache), one bridge step (the
-cross-attention keys/values over source positions are cached and appended, never recomputed) and
-one small-trunk step (its KV cache). The prompt is processed in one pass.
+Per new token the cost is one step of the module (see `LLMModule.step`); the prompt is processed
+in one pass. Works with anything that has `step`, `forward`, `tokenizer`, `generation.position_limit`
+and `source` like an LLMModule (nothing here imports the model).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from .bridge import cross_attention_mask
-from .source import position_ids_from_mask
-
-if TYPE_CHECKING:
-    from .model import LLMModule
-
-
-@dataclass
-class DecodeState:
-    """Everything carried from one decoding step to the next."""
-
-    attention_mask: Tensor  # [B, T] over all tokens so far (0 = left padding)
-    source_cache: Any = None
-    trunk_cache: Any = None
-    bridge_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, [B, H, T, Dh]
-
-    @property
-    def length(self) -> int:
-        return self.attention_mask.shape[1]
-
 
 @torch.no_grad()
-def step(module: "LLMModule", new_ids: Tensor, state: DecodeState | None, attention_mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
-    """Feed `new_ids` [B, n] (the whole prompt first, then one token at a time); return last logits [B, V]."""
-    B, n = new_ids.shape
-    ones = torch.ones(B, n, dtype=torch.long, device=new_ids.device)
-    if state is None:
-        mask = attention_mask.long() if attention_mask is not None else ones
-        state = DecodeState(attention_mask=mask)
-        past = 0
-    else:
-        past = state.length
-        state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
-    mask = state.attention_mask
-    positions = position_ids_from_mask(mask)[:, -n:]
-    h, state.source_cache = module.source(new_ids, mask, positions, cache=state.source_cache, use_cache=True)
-    p, kvs = module.bridge.project_source(h)
-    if state.bridge_kv:
-        kvs = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(state.bridge_kv, kvs)]
-    state.bridge_kv = kvs
-    xmask = cross_attention_mask(mask, n, causal=module.bridge.causal, past_len=past)
-    embeds = module.bridge.stream(p, kvs, xmask)
-    hidden, state.trunk_cache = module.generation(embeds, mask, positions, cache=state.trunk_cache, use_cache=True)
-    logits = module.generation.lm_head(hidden[:, -1]).float()
-    return logits, state
-
-
-@torch.no_grad()
-def full_forward_logits(module: "LLMModule", ids: Tensor, mask: Tensor) -> Tensor:
+def full_forward_logits(module: Any, ids: Tensor, mask: Tensor) -> Tensor:
     """Last-position logits from a full forward over everything so far (the reference's way: no caches)."""
     return module(ids, mask).logits[:, -1].float()
 
@@ -104,7 +57,7 @@ def cut_text(text: str, stop_strings: Sequence[str] = (), eos: str | None = None
     return text[: min(ends)] if ends else text
 
 
-def prepare_prompt(module: "LLMModule", input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
+def prepare_prompt(module: Any, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
                    truncate: str | None = None) -> tuple[Tensor, Tensor]:
     """Check the prompt fits the context; with truncate='left' cut it from the left, with a warning."""
     if attention_mask is None:
@@ -127,7 +80,7 @@ def prepare_prompt(module: "LLMModule", input_ids: Tensor, attention_mask: Tenso
 
 
 def decode(
-    module: "LLMModule",
+    module: Any,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
@@ -155,10 +108,7 @@ def decode(
                        device=input_ids.device, dtype=torch.long)
     if pad_token_id is None:
         pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-    if module.config.reference_compat and use_cache:
-        # A non-causal bridge changes earlier positions as the text grows: only a full recompute
-        # reproduces the reference's generation.
-        use_cache = False
+    use_cache = use_cache and module.supports_cache
     input_ids, attention_mask = prepare_prompt(module, input_ids, attention_mask, max_new_tokens, truncate)
     gen = None
     if do_sample:
@@ -174,7 +124,7 @@ def decode(
         ids, mask = input_ids, attention_mask.long()
         state = None
         if use_cache:
-            logits, state = step(module, input_ids, None, attention_mask)
+            logits, state = module.step(input_ids, None, attention_mask)
         else:
             logits = full_forward_logits(module, ids, mask)
         for _ in range(max_new_tokens):
@@ -199,7 +149,7 @@ def decode(
                 return
             seen = torch.cat([seen, nxt[:, None]], 1)
             if use_cache:
-                logits, state = step(module, nxt[:, None], state)
+                logits, state = module.step(nxt[:, None], state)
             else:
                 ids = torch.cat([ids, nxt[:, None]], 1)
                 mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
@@ -209,7 +159,7 @@ def decode(
 
 
 def generate(
-    module: "LLMModule",
+    module: Any,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,

@@ -1,0 +1,1 @@
+"""Inference front ends on top of the core: terminal chat, and evaluation of saved modules."""

@@ -1,0 +1,90 @@
+"""Masks and positions for the knowledge source, the bridge and the small trunk, in one place.
+
+The segment-id convention: every batch carries one `attention_mask` of shape [B, T] whose values are
+    0       padding (never attended to, never a target);
+    1       a token of an ordinary row (one example per row, left or right padded);
+    1, 2, … the examples of a *packed* row, numbered in order (`data.collate_packed` writes them).
+A row is packed when any value exceeds 1. Within a packed row no attention crosses an example
+boundary (source, bridge and trunk alike) and positions restart at 0 for each example.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def is_packed(attention_mask: Tensor) -> bool:
+    """Packed rows number their examples 1, 2, ... in the mask; plain rows hold only 0 and 1."""
+    return attention_mask.dim() == 2 and bool(attention_mask.max() > 1)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... over real tokens whatever the padding side; padding gets 0 (never read)."""
+    return ((attention_mask > 0).long().cumsum(-1) - 1).clamp(min=0)
+
+
+def reference_position_ids(attention_mask: Tensor) -> Tensor:
+    """0..T-1 whatever the padding: what the reference code fed its trunk."""
+    T = attention_mask.shape[1]
+    return torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+
+
+def packed_inputs(segment_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(additive 4-D mask [B, 1, T, T], position ids [B, T]) for rows packing several examples.
+
+    Attention stays causal and inside each example; positions restart at 0 for each example.
+    The mask is additive (0 / dtype min), which every architecture accepts (GPT-Neo adds it).
+    """
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
+    positions = torch.where(segment_ids > 0, idx - first, torch.zeros_like(idx))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    allowed = same & (segment_ids[:, None, :] > 0) & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=idx.device)  # padding rows stay finite
+    mask = torch.zeros(B, 1, T, T, dtype=dtype, device=idx.device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min), positions
+
+
+def decoder_inputs(attention_mask: Tensor, dtype: torch.dtype, reference: bool = False) -> tuple[Tensor, Tensor]:
+    """(attention mask, position ids) to run a transformers decoder (source or trunk) on a batch.
+
+    Plain rows keep the 0/1 mask; packed rows get the block-diagonal 4-D mask. `reference` gives
+    the reference code's positions (0..T-1 whatever the padding).
+    """
+    if is_packed(attention_mask):
+        return packed_inputs(attention_mask, dtype)
+    mask = (attention_mask > 0).long()
+    return mask, reference_position_ids(mask) if reference else position_ids_from_mask(mask)
+
+
+def cross_attention_mask(
+    key_mask: Tensor,
+    query_len: int,
+    *,
+    causal: bool = True,
+    past_len: int = 0,
+) -> Tensor:
+    """Boolean mask [B, 1, Tq, Tk] (True = may attend) for the bridge's cross-attention.
+
+    `key_mask` is [B, Tk] in the segment-id convention above. Query i sits at absolute position
+    past_len + i. With `causal`, it reads keys at positions <= its own; it never reads padding or
+    another segment. A query with nothing to read (a padding position) reads its own key so softmax
+    stays finite; its output is never used.
+    """
+    B, Tk = key_mask.shape
+    device = key_mask.device
+    q_pos = torch.arange(past_len, past_len + query_len, device=device)
+    k_pos = torch.arange(Tk, device=device)
+    allowed = (key_mask > 0)[:, None, :].expand(B, query_len, Tk)
+    if causal:
+        allowed = allowed & (k_pos[None, None, :] <= q_pos[None, :, None])
+    if query_len == Tk and past_len == 0 and is_packed(key_mask):
+        allowed = allowed & (key_mask[:, :, None] == key_mask[:, None, :])
+    own = k_pos[None, None, :] == q_pos[None, :, None]
+    empty = ~allowed.any(-1, keepdim=True)
+    allowed = allowed | (empty & own)
+    return allowed[:, None]
