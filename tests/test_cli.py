@@ -64,6 +64,26 @@ def test_errors_are_one_line(trained, tmp_path, capsys):
     assert "exceeds the context limit" in capsys.readouterr().err
 
 
+def test_damaged_or_misplaced_modules_are_one_line(trained, tmp_path, capsys):
+    import shutil
+
+    model = trained[0]
+    run = model.parent
+    assert main(["generate", "--model", str(run), "x"]) == 2
+    err = capsys.readouterr().err
+    assert "a training run folder, not a module; pass" in err and str(run / "best") in err and str(run / "last") in err
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])  # a copy cut short
+    assert main(["generate", "--model", str(bad), "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad / 'model.safetensors'}: not a readable safetensors file" in err
+    (bad / "llm_module.json").write_text('{"large_model": ')
+    assert main(["info", "--model", str(bad)]) == 2
+    assert f"{bad / 'llm_module.json'}: not valid JSON" in capsys.readouterr().err
+
+
 def test_chat_reset_exit_and_interrupt(trained):
     from llm_modules.model import LLMModule
 

@@ -120,6 +120,20 @@ def test_converted_module_fine_tunes_causally(fx, converted, tmp_path):
     assert m.config.causal and not m.config.reference_compat and m.bridge.causal
 
 
+def test_cli_converts_with_a_float32_source_by_default(fx, converted, tmp_path):
+    """The reference ran Qwen2 in fp32 (transformers 4.x): bf16 would move its logits by up to 2e-2."""
+    from llm_modules.cli import main
+
+    sd, neo_cfg, _, ckpt = converted
+    assert main(["convert-reference", str(ckpt), "--large", fx["large_qwen2"], "--small", fx["small_gpt_neo"],
+                 "--out", str(tmp_path / "cli")]) == 0
+    m = LLMModule.from_pretrained(tmp_path / "cli").eval()
+    assert m.config.source_dtype == "float32" and m.config.notes["converted_from"] == "model_checkpoint.pth"
+    ids = torch.randint(10, 400, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (m(ids).logits - reference_forward(sd, fx, neo_cfg, ids, torch.ones_like(ids))).abs().max() <= 1e-4
+
+
 def test_bad_checkpoints_are_reported(fx, converted, tmp_path):
     sd, _, _, _ = converted
     bad = dict(sd)

@@ -79,6 +79,9 @@ def test_split_is_disjoint_deterministic_and_subset():
     ({"conversations": [{"from": "user", "value": "q"}, {"from": "robot", "value": "a"}]}, "expected user or assistant"),
     ({"conversations": [{"from": "user", "value": 3}, {"from": "assistant", "value": "a"}]}, "value must be a string"),
     ({"system": 1, "conversations": ROW["conversations"]}, "field 'system' must be a string"),
+    ({"conversations": [{"from": "assistant", "value": "a"}]}, r"conversations\[0\] is an assistant turn that does not follow a user turn"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                   {"role": "assistant", "content": "b"}]}, r"messages\[2\] is an assistant turn that does not follow"),
 ])
 def test_bad_rows_name_file_and_row(tok, tmp_path, row, msg):
     p = tmp_path / "bad.jsonl"

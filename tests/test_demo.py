@@ -61,6 +61,9 @@ def test_quick_demo_writes_report(tmp_path):
     logs = []
     again = run_demo(DemoConfig.quick(out=str(tmp_path / "out2"), cache_dir=str(tmp_path / "cache")), log=logs.append)
     assert any("pretrained models: reusing" in s for s in logs)
+    # a line per result, no per-validation chatter (training reports through its progress bar)
+    assert not any("validation loss" in s or s.startswith("data:") for s in logs)
+    assert sum(s.lstrip().startswith(("LLM Module:", "small", "distilled", "large alone")) for s in logs) == 5
     # deterministic from the seed: the same numbers again
     for name, r in summary["results"].items():
         r2 = again["results"][name]

@@ -140,21 +140,6 @@ def test_pretrained_vs_scratch_trunk(build, fx):
     assert not torch.equal(scr.h[0].attn.attention.q_proj.weight, ref.h[0].attn.attention.q_proj.weight)
 
 
-def test_chunked_loss_equals_full_loss(build):
-    m = build().eval()
-    ids, mask = _batch(m.config.vocab_size, [12, 7], "right")
-    labels = ids.masked_fill(mask == 0, -100)
-    full = m(ids, mask, labels=labels)
-    chunked = m(ids, mask, labels=labels, loss_chunk_size=5, return_logits=False)
-    assert chunked.logits is None
-    assert abs(full.loss.item() - chunked.loss.item()) <= 1e-5
-    full.loss.backward()
-    g_full = m.generation.lm_head.weight.grad.clone()
-    m.zero_grad()
-    chunked.loss.backward()
-    torch.testing.assert_close(m.generation.lm_head.weight.grad, g_full, atol=1e-6, rtol=1e-5)
-
-
 @pytest.mark.parametrize("large,small", [("large_qwen2", "small_gpt_neo"), ("large_llama", "small_gpt2"), ("large_qwen2", "small_qwen2")])
 def test_packed_rows_equal_separate_examples(build, large, small):
     from llm_modules.data import Example, collate, collate_packed
@@ -188,3 +173,18 @@ def test_tokenizer_survives_model_and_module_folders(build, fx, tmp_path):
     m = build()
     m.save_pretrained(tmp_path / "mod")
     assert LLMModule.from_pretrained(tmp_path / "mod").tokenizer(text).input_ids == ref
+
+
+def test_chunked_loss_equals_full_loss_in_the_module(build):
+    m = build().eval()
+    ids, mask = _batch(m.config.vocab_size, [12, 7], "right")
+    labels = ids.masked_fill(mask == 0, -100)
+    full = m(ids, mask, labels=labels)
+    chunked = m(ids, mask, labels=labels, loss_chunk_size=5, return_logits=False)
+    assert chunked.logits is None
+    assert abs(full.loss.item() - chunked.loss.item()) <= 1e-5
+    full.loss.backward()
+    g_full = m.generation.lm_head.weight.grad.clone()
+    m.zero_grad()
+    chunked.loss.backward()
+    torch.testing.assert_close(m.generation.lm_head.weight.grad, g_full, atol=1e-6, rtol=1e-5)
