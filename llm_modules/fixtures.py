@@ -22,7 +22,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from .io import atomic_dir
+from .io import atomic_dir, default_cache_dir
 
 REASONING_TOKENS = ["<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>"]
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -157,10 +157,6 @@ def arith_rows(n: int = 400, seed: int = 0) -> list[dict]:
         rows.append({"system": "Answer briefly.", "conversations": [
             {"from": "user", "value": q}, {"from": "assistant", "value": answer}]})
     return rows
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LLM_MODULES_CACHE", Path.home() / ".cache" / "llm-modules"))
 
 
 def resolve(value: str, root: str | os.PathLike | None = None) -> str:

@@ -76,6 +76,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def default_cache_dir() -> Path:
+    """Where llm-modules keeps generated and fetched artefacts ($LLM_MODULES_CACHE, else ~/.cache/llm-modules)."""
+    return Path(os.environ.get("LLM_MODULES_CACHE", Path.home() / ".cache" / "llm-modules"))
+
+
 # -- reading artefacts: a damaged file is a one-line error naming it, never a traceback ---------
 def read_json(path: str | os.PathLike) -> Any:
     """Parse a JSON file; a missing, unreadable or malformed one raises a one-line error naming it."""

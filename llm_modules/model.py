@@ -14,10 +14,11 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from .bridge import Bridge
 from .config import ModuleConfig, position_limit
+from .knowledge import KnowledgePath, distill_loss
 from .io import atomic_dir, read_safetensors
 from .loss import shifted_loss
 from .masks import cross_attention_mask, decoder_inputs, position_ids_from_mask
-from .source import KnowledgeSource, fingerprints_match, load_tokenizer
+from .source import KnowledgeSource, fingerprints_match, load_model_config, load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "llm_module.json"
@@ -132,6 +133,12 @@ class LLMModule(nn.Module):
             gate_init=config.gate_init,
             causal=config.causal,
         )
+        self.knowledge = None
+        if config.knowledge_path == "logits":
+            self.knowledge = KnowledgePath(self.generation.hidden_size)
+            nn.init.zeros_(self.generation.lm_head.weight)  # start as the source; learn what to change
+            if source is not None and source.head is None:
+                raise ValueError("knowledge_path 'logits' needs the source's head: load it with keep_head=True")
         self.config.small_config = trunk.config.to_dict()
 
     # -- construction ---------------------------------------------------------------------
@@ -141,17 +148,19 @@ class LLMModule(nn.Module):
         large_model: str,
         small_model: str | PretrainedConfig,
         tokenizer: Any = None,
+        keep_source_head: bool = False,
         **config_kwargs: Any,
     ) -> "LLMModule":
         """Load the knowledge source and the small trunk (pretrained weights unless init_small='scratch').
 
         `config_kwargs` are ModuleConfig fields (older names such as causal=False are accepted).
+        `keep_source_head` keeps the source's output head for distillation (the knowledge path keeps it anyway).
         """
         small_name = small_model if isinstance(small_model, str) else None
         cfg = ModuleConfig.from_dict(dict(large_model=large_model, small_model=small_name, **config_kwargs))
         tokenizer = tokenizer or load_tokenizer(large_model)
         cfg.vocab_size = len(tokenizer)
-        source = KnowledgeSource.from_pretrained(large_model, cfg.source_dtype, cfg.source_layer)
+        source = source_for(cfg, large_model, keep_head=keep_source_head)
         trunk = load_trunk(small_model, cfg.init_small)
         return cls(cfg, trunk, source, tokenizer=tokenizer)
 
@@ -173,7 +182,7 @@ class LLMModule(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups: dict[str, list[nn.Parameter]] = {"bridge": [], "generation": []}
         for name, p in self.trainable_named_parameters():
-            groups["bridge" if name.startswith("bridge.") else "generation"].append(p)
+            groups["bridge" if name.startswith(("bridge.", "knowledge.")) else "generation"].append(p)
         return groups
 
     def train(self, mode: bool = True) -> "LLMModule":
@@ -200,6 +209,20 @@ class LLMModule(nn.Module):
             raise ValueError("this module has no knowledge source attached; pass source_states")
         return self.source(input_ids, attention_mask)[0]
 
+    def _source_logits(self, source_states: Tensor) -> Tensor:
+        if self.source is None or self.source.head is None:
+            raise ValueError("the knowledge path and distillation read the source's head: attach a knowledge "
+                             "source loaded with keep_head=True (feature caches hold states only)")
+        return self.source.next_token_logits(source_states)
+
+    def output_logits(self, hidden: Tensor, source_logits: Tensor | None = None) -> Tensor:
+        """The module's next-token logits: the new head, plus the knowledge path when there is one."""
+        logits = self.generation.lm_head(hidden)
+        if self.knowledge is not None:
+            assert source_logits is not None
+            logits = logits.float() + self.knowledge(hidden, source_logits, logits.shape[-1])
+        return logits
+
     def forward(
         self,
         input_ids: Tensor,
@@ -209,6 +232,8 @@ class LLMModule(nn.Module):
         source_states: Tensor | None = None,
         return_logits: bool = True,
         loss_chunk_size: int | None = None,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
     ) -> ModuleOutput:
         """Logits [B, T, V] and, given labels, the mean shifted cross-entropy (ignore_index -100).
 
@@ -216,7 +241,9 @@ class LLMModule(nn.Module):
         token, or 1, 2, ... for the examples of a packed row).
         `source_states` skips the knowledge source (e.g. features read from the cache).
         `loss_chunk_size` computes the loss in chunks of that many tokens, never holding the full
-        [B, T, V] logits (set return_logits=False to get the memory benefit).
+        [B, T, V] logits (set return_logits=False to get the memory benefit; not with the knowledge
+        path or distillation, which need the source's full distribution).
+        `distill_weight` adds that times KL(source || module) over every real position.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -233,13 +260,23 @@ class LLMModule(nn.Module):
         embeds = self.bridge(source_states, attention_mask)
         trunk_mask, positions = decoder_inputs(attention_mask, embeds.dtype, reference=reference)
         hidden, _ = self.generation(embeds, trunk_mask, positions)
+        src_logits = None
+        if self.knowledge is not None or distill_weight:
+            src_logits = self._source_logits(source_states)
         out = ModuleOutput()
-        if return_logits:
-            out.logits = self.generation.lm_head(hidden)
+        if return_logits or src_logits is not None:
+            out.logits = self.output_logits(hidden, src_logits)
         if labels is not None:
             out.loss, out.num_tokens = shifted_loss(labels, logits=out.logits, hidden=hidden,
                                                     head_weight=self.generation.lm_head.weight,
                                                     chunk_size=loss_chunk_size)
+            if distill_weight:
+                # Every real position, prompt included: the module learns to read the source in general.
+                real = (attention_mask[:, :-1] > 0) & (attention_mask[:, 1:] > 0)
+                out.loss = out.loss + distill_weight * distill_loss(out.logits[:, :-1], src_logits[:, :-1], real,
+                                                                    distill_temperature)
+        if not return_logits:
+            out.logits = None
         return out
 
     @property
@@ -274,7 +311,8 @@ class LLMModule(nn.Module):
         state.bridge_kv = kvs
         embeds = self.bridge.stream(p, kvs, cross_attention_mask(mask, n, causal=True, past_len=past))
         hidden, state.trunk_cache = self.generation(embeds, mask, positions, cache=state.trunk_cache, use_cache=True)
-        return self.generation.lm_head(hidden[:, -1]).float(), state
+        src_logits = self._source_logits(h[:, -1]) if self.knowledge is not None else None
+        return self.output_logits(hidden[:, -1], src_logits).float(), state
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Cached incremental decoding; see llm_modules.decode.generate for the arguments."""
@@ -313,6 +351,7 @@ class LLMModule(nn.Module):
         ignore_fingerprint: bool = False,
         source_dtype: str | None = None,
         load_source: bool = True,
+        keep_source_head: bool = False,
     ) -> "LLMModule":
         """Load a saved module and attach its knowledge source (the one named in its config, or `large_model`).
 
@@ -331,9 +370,9 @@ class LLMModule(nn.Module):
         if isinstance(large_model, KnowledgeSource):
             source = large_model
         elif load_source:
-            source = KnowledgeSource.from_pretrained(large_model or cfg.large_model, cfg.source_dtype, cfg.source_layer)
+            source = source_for(cfg, large_model or cfg.large_model, keep_head=keep_source_head)
         else:
-            source_hidden = AutoConfig.from_pretrained(large_model or cfg.large_model).hidden_size
+            source_hidden = load_model_config(large_model or cfg.large_model).hidden_size
         if source is not None and not ignore_fingerprint:
             check_fingerprint(cfg.fingerprint, source.fingerprint(), str(path))
         trunk = trunk_from_config_dict(cfg.small_config)
@@ -349,6 +388,12 @@ class LLMModule(nn.Module):
             )
         module.load_state_dict(state, strict=False)
         return module
+
+
+def source_for(cfg: ModuleConfig, name: str | None = None, keep_head: bool = False) -> KnowledgeSource:
+    """The knowledge source a config names (or `name`), with its head when the knowledge path reads it."""
+    return KnowledgeSource.from_pretrained(name or cfg.large_model, cfg.source_dtype, cfg.source_layer,
+                                           keep_head=keep_head or cfg.knowledge_path != "none")
 
 
 def check_fingerprint(expected: dict[str, Any] | None, have: dict[str, Any], what: str) -> None:

@@ -1,4 +1,9 @@
-"""The knowledge source: a frozen large causal LM whose hidden states feed the bridge."""
+"""The knowledge source: a frozen large causal LM whose hidden states feed the bridge.
+
+A source is named as transformers names models (a hub id or a local folder), or as a GGUF file:
+`path/to/model.gguf`, or `folder::file.gguf` (a file inside a hub repo or folder). GGUF weights are
+dequantised on load (transformers + the `gguf` package).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,46 @@ _RUNTIME_KEYS = {
     "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
     "output_hidden_states", "output_attentions", "return_dict", "_commit_hash", "architectures",
     "torchscript", "chunk_size_feed_forward", "problem_type", "_experts_implementation",
+    # A GGUF file loads dequantised: the same weights as the folder converted from it.
+    "quantization_config",
 }
+
+
+def split_model_ref(name: str) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name or None) of a model reference.
+
+    `folder::file.gguf` -> (folder, file.gguf); `path/file.gguf` -> (path, file.gguf); else (name, None).
+    """
+    if "::" in name:
+        folder, file = name.split("::", 1)
+        return folder, file
+    if name.endswith(".gguf"):
+        folder, file = os.path.split(name)
+        return folder or ".", file
+    return name, None
+
+
+def _gguf_kwargs(name: str) -> tuple[str, dict[str, Any]]:
+    folder, gguf = split_model_ref(name)
+    if gguf is None:
+        return name, {}
+    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, gguf)):
+        raise FileNotFoundError(f"{name}: no such GGUF file")
+    return folder, {"gguf_file": gguf}
+
+
+def load_causal_lm(name: str, dtype: str = "bfloat16", **kwargs: Any) -> PreTrainedModel:
+    """A causal LM from a hub id, a folder or a GGUF file, in `dtype`."""
+    where, extra = _gguf_kwargs(name)
+    return AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **extra, **kwargs)
+
+
+def load_model_config(name: str) -> Any:
+    """The transformers config of a hub id, folder or GGUF file (no weights are read)."""
+    from transformers import AutoConfig
+
+    where, extra = _gguf_kwargs(name)
+    return AutoConfig.from_pretrained(where, **extra)
 
 
 def load_tokenizer(name: str) -> Any:
@@ -34,6 +78,9 @@ def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import cached_file
 
+    where, extra = _gguf_kwargs(name)
+    if extra:
+        return AutoTokenizer.from_pretrained(where, **extra)
     cfg_path = cached_file(name, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
     if cfg_path:
         declared = json.loads(open(cfg_path, encoding="utf-8").read()).get("tokenizer_class", "")
@@ -74,13 +121,15 @@ def fingerprint(model: PreTrainedModel, name: str, elems: int = 65536) -> dict[s
 def fingerprint_from_files(name: str, elems: int = 65536) -> dict[str, Any] | None:
     """`fingerprint` of a saved causal LM read from its safetensors files: only three tensors are read.
 
-    Returns None when the checkpoint is not in safetensors form (then load the model instead).
+    Returns None when the checkpoint is not in safetensors form, GGUF included (then load the
+    model instead: GGUF tensors are quantised, the fingerprint hashes the dequantised weights).
     """
     from safetensors import safe_open
-    from transformers import AutoConfig
     from transformers.utils import cached_file
 
-    config = AutoConfig.from_pretrained(name)
+    if split_model_ref(name)[1] is not None:
+        return None
+    config = load_model_config(name)
     index = cached_file(name, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
     if index:
         weight_map = json.loads(open(index, encoding="utf-8").read())["weight_map"]
@@ -114,26 +163,37 @@ def fingerprints_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 class KnowledgeSource(nn.Module):
-    """A frozen causal LM run without its LM head; returns the hidden states the bridge reads.
+    """A frozen causal LM; returns the hidden states the bridge reads.
 
+    Its LM head (151,936-way for Qwen2) never runs in `forward`; it is kept, frozen, only with
+    `keep_head` (the knowledge path and distillation read the source's next-token prediction).
     Gradients never reach it: parameters have requires_grad False, it stays in eval mode, and its
     forward runs under no_grad.
     """
 
-    def __init__(self, model: PreTrainedModel, name: str = "", layer: int = -1):
+    def __init__(self, model: PreTrainedModel, name: str = "", layer: int = -1, keep_head: bool = False):
         super().__init__()
-        # Keep only the decoder trunk: the LM head (151,936-way for Qwen2) would be wasted work.
         self.model = model.base_model if hasattr(model, "base_model") else model
+        self.head = model.get_output_embeddings() if keep_head else None
+        if keep_head and self.head is None:
+            raise ValueError(f"{name or 'the knowledge source'} has no output head to read its predictions with")
         self.name = name or getattr(model.config, "_name_or_path", "")
         self.layer = layer
-        self.model.requires_grad_(False)
-        self.model.eval()
+        self.requires_grad_(False)
+        self.eval()
         self._fingerprint: dict[str, Any] | None = None
 
     @classmethod
-    def from_pretrained(cls, name: str, dtype: str = "bfloat16", layer: int = -1, **kwargs: Any) -> "KnowledgeSource":
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype), **kwargs)
-        return cls(model, name=name, layer=layer)
+    def from_pretrained(cls, name: str, dtype: str = "bfloat16", layer: int = -1, keep_head: bool = False,
+                        **kwargs: Any) -> "KnowledgeSource":
+        return cls(load_causal_lm(name, dtype, **kwargs), name=name, layer=layer, keep_head=keep_head)
+
+    @torch.no_grad()
+    def next_token_logits(self, final_states: Tensor) -> Tensor:
+        """The source's own next-token logits from its final (normed) states."""
+        if self.head is None:
+            raise ValueError("this knowledge source was loaded without its head (keep_head=False)")
+        return self.head(final_states.to(self.head.weight.dtype))
 
     def train(self, mode: bool = True) -> "KnowledgeSource":
         # Frozen: dropout stays off even when the surrounding module trains.

@@ -27,7 +27,7 @@ def test_a_version_0_1_config_loads_with_its_settings_converted(tmp_path):
 
 @pytest.mark.parametrize("d,msg", [
     ({"attention": "sideways"}, "attention must be one of causal, reference"),
-    ({"prompt": {"format": "markdown"}}, "format must be one of paper, chat_template"),
+    ({"prompt": {"format": "markdown"}}, "format must be one of paper, chat_template, plain"),
     ({"dropout": 1.5}, "dropout must be in"),
     ({"head_size": 3}, "unknown ModuleConfig field"),
 ])

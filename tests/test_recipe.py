@@ -39,5 +39,5 @@ def test_recipe_keys_route_to_the_module_and_round_trip():
     assert (c.module.prompt.format, c.module.prompt.system_prompt, c.module.prompt.loss_on) == ("chat_template", "Be brief.", "all")
     again = TrainConfig.from_dict(c.to_recipe())
     assert again == c
-    with pytest.raises(ValueError, match="format must be one of paper, chat_template; got 'markdown'"):
+    with pytest.raises(ValueError, match="format must be one of paper, chat_template, plain; got 'markdown'"):
         TrainConfig.from_dict({**d, "format": "markdown"})

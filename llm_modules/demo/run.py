@@ -27,16 +27,16 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoConfig, PreTrainedModel, Qwen2Config
 
 from ..data import Example, Formatter, build_prompt, parse_row
-from ..fixtures import default_cache_dir, train_tokenizer
+from ..fixtures import train_tokenizer
 from ..inference.evaluate import answer_prompts, extract_answer
-from ..io import atomic_write_text
+from ..io import atomic_write_text, default_cache_dir
 from ..loss import evaluate_loss
 from ..model import LLMModule
 from ..source import load_tokenizer
 from ..training.causal_lm import CausalLMTrainee
 from ..training.pipeline import RunInputs
 from ..training.recipe import TrainConfig
-from ..training.trainer import Trainer, train
+from ..training.trainer import Trainer
 from .report import display, print_table, row_line, write_report
 from .world import SYSTEM, Fact, World, grouped, make_world
 
@@ -244,7 +244,7 @@ def run_llm_module(cfg: DemoConfig, task: Task, large_dir: Path, small_dir: Path
         epochs=cfg.task_epochs, batch_size=cfg.batch_size // 2, lr_bridge=cfg.lr, lr_small=cfg.lr / 2, warmup_steps=5,
         output_dir=str(out / "llm_module"), progress=cfg.progress, tensorboard=False, log_every=5, patience=0,
         max_length=256))
-    r = train(tcfg, log=lambda s: None)
+    r = Trainer(tcfg, log=lambda s: None, desc="LLM Module").fit()
     module = LLMModule.from_pretrained(out / "llm_module" / "best").eval()
     secs = time.perf_counter() - t
     hl = evaluate_loss(module, task.held_ex, 32, task.tokenizer.pad_token_id)

@@ -11,8 +11,8 @@ from typing import Any, Callable
 from ..config import position_limit
 from ..data import DataReport, Example, Formatter, ensure_pad_token, load_examples, pad_id, split_examples
 from ..features import FeatureCache, cache_key
-from ..model import LLMModule, check_fingerprint, load_trunk
-from ..source import KnowledgeSource, fingerprint_from_files, load_tokenizer
+from ..model import LLMModule, check_fingerprint, load_trunk, source_for
+from ..source import KnowledgeSource, fingerprint_from_files, load_model_config, load_tokenizer
 from .recipe import TrainConfig
 
 Log = Callable[[str], None]
@@ -56,22 +56,20 @@ def build_module(cfg: TrainConfig, tokenizer: Any, load_source: bool = True) -> 
     """The module a recipe starts from: built from its models, or loaded from `init_from`."""
     m = cfg.module
     if cfg.init_from:
-        module = LLMModule.from_pretrained(cfg.init_from, large_model=m.large_model or None,
-                                           source_dtype=m.source_dtype, load_source=load_source)
+        module = LLMModule.from_pretrained(cfg.init_from, large_model=m.large_model or None, source_dtype=m.source_dtype,
+                                           load_source=load_source, keep_source_head=cfg.distill_weight > 0)
         module.config.attention = m.attention  # e.g. fine-tune a converted reference module causally
         module.bridge.causal = module.config.causal
         return module
     config = dataclasses.replace(m, vocab_size=len(tokenizer), prompt=dataclasses.replace(m.prompt))
-    source = KnowledgeSource.from_pretrained(m.large_model, m.source_dtype, m.source_layer) if load_source else None
+    source = source_for(config, keep_head=cfg.distill_weight > 0) if load_source else None
     hidden = None if source is not None else _source_hidden_size(m.large_model)
     return LLMModule(config, load_trunk(m.small_model, m.init_small), source, source_hidden_size=hidden,
                      tokenizer=tokenizer)
 
 
 def _source_hidden_size(large_model: str) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(large_model).hidden_size
+    return load_model_config(large_model).hidden_size
 
 
 def open_features(cfg: TrainConfig, examples: list[Example], tokenizer: Any, log: Log = print, rank: int = 0,
@@ -109,11 +107,13 @@ def prepare_run(cfg: TrainConfig, *, resume_from: Path | None = None, log: Log =
     """Tokenizer, module (built, or loaded from `resume_from`), data and features for a recipe."""
     m = cfg.module
     tokenizer = ensure_pad_token(load_tokenizer(m.large_model or str(cfg.init_from)))
+    # From cached features the source never runs; it is loaded only when its head is read.
+    load_source = not cfg.feature_cache or cfg.needs_source_head
     if resume_from is not None:
-        module = LLMModule.from_pretrained(resume_from, large_model=m.large_model or None,
-                                           source_dtype=m.source_dtype, load_source=not cfg.feature_cache)
+        module = LLMModule.from_pretrained(resume_from, large_model=m.large_model or None, source_dtype=m.source_dtype,
+                                           load_source=load_source, keep_source_head=cfg.distill_weight > 0)
     else:
-        module = build_module(cfg, tokenizer, load_source=not cfg.feature_cache)
+        module = build_module(cfg, tokenizer, load_source=load_source)
     module.config.prompt.format, module.config.prompt.loss_on = m.prompt.format, m.prompt.loss_on
     limit = None if module.config.reference_compat else module.generation.position_limit
     train, val, report = prepare_data(cfg, tokenizer, limit, log)

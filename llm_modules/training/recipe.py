@@ -67,6 +67,10 @@ class TrainConfig:
     """Recompute the small trunk's activations in backward to save memory."""
     loss_chunk_size: int = 0
     """Compute the loss in chunks of this many tokens (never materialising full-vocabulary logits); 0 = off."""
+    distill_weight: float = 0.0
+    """Add this times KL(source || module) of the next-token distributions at every real position, prompt
+    included, so the module learns to read the source in general (0 = off)."""
+    distill_temperature: float = 1.0
     # evaluation, checkpoints, logging
     eval_every: int = 0
     """Also validate every N optimiser steps (0: once per epoch)."""
@@ -87,7 +91,8 @@ class TrainConfig:
     """torch CPU threads (0: leave as is)."""
     # frozen-feature cache (see llm_modules.features)
     feature_cache: bool = False
-    """Run the knowledge source once over the data, store its states on disk, train from them."""
+    """Run the knowledge source once over the data, store its states on disk, train from them. With the
+    knowledge path or distillation the source is still loaded, for its output head only."""
     cache_dir: str | None = None
     """Where the feature cache lives (default: OUTPUT_DIR/features)."""
     cache_dtype: str = "float16"
@@ -145,6 +150,11 @@ class TrainConfig:
         out.update({k: getattr(self, k) for k in self.fields()})
         return out
 
+    @property
+    def needs_source_head(self) -> bool:
+        """The knowledge path and distillation read the source's next-token predictions."""
+        return self.module.knowledge_path != "none" or self.distill_weight > 0
+
     def validate(self, where: str = "config") -> None:
         checks = [
             (self.schedule in ("cosine", "constant"), "schedule must be cosine or constant"),
@@ -153,6 +163,7 @@ class TrainConfig:
             (self.epochs >= 1 or self.max_steps >= 1, "epochs or max_steps must be >= 1"),
             (bool(self.module.large_model) or bool(self.init_from), "large_model is required"),
             (bool(self.data), "data is required"),
+
         ]
         for ok, msg in checks:
             if not ok:

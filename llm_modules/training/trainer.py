@@ -124,6 +124,9 @@ class Trainer:
                                                 rank=self.rank, world_size=self.world, barrier=acc.wait_for_everyone)
         self.train_ex, self.val_ex, self.features = self.inputs.train, self.inputs.val, self.inputs.features
         self.pad = pad_id(self.inputs.tokenizer)
+        # Only models that distil get the options (a plain causal LM trainee has its own teacher).
+        self.loss_options = ({"distill_weight": cfg.distill_weight, "distill_temperature": cfg.distill_temperature}
+                             if cfg.distill_weight else {})
         self._prepare_model(self.inputs.module)
         self.total_steps = cfg.max_steps or sum(self._steps_in(ep) for ep in range(cfg.epochs))
         # Not prepared: accelerate would step it once per process.
@@ -222,7 +225,8 @@ class Trainer:
             with sync:
                 with acc.autocast():
                     out = self.model(c["input_ids"], c["attention_mask"], labels=c["labels"], source_states=src,
-                                     return_logits=False, loss_chunk_size=cfg.loss_chunk_size or None)
+                                     return_logits=False, loss_chunk_size=cfg.loss_chunk_size or None,
+                                     **self.loss_options)
                 # Token-weighted mean over the global window; DDP averages over ranks, so scale by world.
                 loss = out.loss * (w * out.num_tokens / max(n_tok, 1.0))
                 acc.backward(loss * self.world)

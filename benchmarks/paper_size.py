@@ -1,0 +1,157 @@
+"""The paper's pair at full size, random init, nothing downloaded: does the code run at the size users run it?
+
+Qwen2-1.5B shapes (the frozen knowledge source, in bf16) + GPT-Neo-125M shapes (trunk) + a new head over
+the paper tokenizer's 151,646 entries. Measures, through the project's own Trainer and decoder:
+  - K training steps at SEQ tokens (batch 1, chunked loss), without and with gradient checkpointing:
+    seconds per step and peak memory;
+  - cached generation: prefill of a PROMPT-token prompt, then 32 new tokens: seconds per token.
+
+    python benchmarks/paper_size.py                 # CPU (2 cores: about 10 minutes)
+    python benchmarks/paper_size.py --device cuda   # one GPU (bf16 autocast)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, GPTNeoConfig, Qwen2Config
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import quiet  # noqa: E402
+
+from llm_modules.cli import PAPER_LARGE, PAPER_SMALL, PAPER_TOKENIZER_LEN  # noqa: E402
+from llm_modules.config import ModuleConfig  # noqa: E402
+from llm_modules.data import Example  # noqa: E402
+from llm_modules.model import LLMModule  # noqa: E402
+from llm_modules.source import KnowledgeSource  # noqa: E402
+from llm_modules.training.pipeline import RunInputs  # noqa: E402
+from llm_modules.training.recipe import TrainConfig  # noqa: E402
+from llm_modules.training.trainer import Trainer  # noqa: E402
+
+
+class PeakMemory:
+    """Peak resident memory (CPU: VmRSS sampled every 20 ms) or peak CUDA allocation, over a `with` block."""
+
+    def __init__(self, device: str):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def gib(self) -> float:
+        return self.peak / 2**30
+
+
+def build(device: str) -> LLMModule:
+    torch.manual_seed(0)
+    large = AutoModelForCausalLM.from_config(Qwen2Config(**PAPER_LARGE), dtype=torch.bfloat16)
+    trunk = AutoModel.from_config(GPTNeoConfig(**PAPER_SMALL))
+    cfg = ModuleConfig(large_model="paper-qwen2-1.5b-shapes", vocab_size=PAPER_TOKENIZER_LEN, init_small="scratch",
+                       source_dtype="bfloat16")
+    return LLMModule(cfg, trunk, KnowledgeSource(large, "paper-qwen2-1.5b-shapes")).to(device)
+
+
+def train_steps(module: LLMModule, device: str, seq: int, steps: int, checkpointing: bool) -> tuple[list[float], float]:
+    """Seconds of each optimiser step (the Trainer's own `step`), and peak memory over them."""
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for _ in range(steps + 1):
+        ids = torch.randint(10, PAPER_TOKENIZER_LEN, (seq,), generator=g).tolist()
+        examples.append(Example(ids, [-100] * (seq // 2) + ids[seq // 2:]))  # loss on the second half, as answers
+    cfg = TrainConfig(batch_size=1, loss_chunk_size=4096, gradient_checkpointing=checkpointing, output_dir="/tmp/paper-size",
+                      progress=False, tensorboard=False, device=device, precision="auto", max_length=seq)
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=0)
+    trainer = Trainer(cfg, log=lambda s: None, inputs=RunInputs(module, tok, examples, [], None, seq))
+    trainer.setup()
+    trainer.model.train()
+    trainer.step([([[steps]], 1.0)])  # warm-up step (allocations, autotuning): not timed
+    times = []
+    with PeakMemory(device) as mem:
+        for i in range(steps):
+            t = time.perf_counter()
+            trainer.step([([[i]], 1.0)])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    if checkpointing:
+        module.generation.trunk.gradient_checkpointing_disable()
+    del trainer
+    return times, mem.gib
+
+
+@torch.no_grad()
+def generation(module: LLMModule, device: str, prompt: int, new: int) -> tuple[float, float, float]:
+    """(prefill seconds, seconds per new token, peak memory) of cached greedy decoding."""
+    module.eval()
+    ids = torch.randint(10, PAPER_TOKENIZER_LEN, (1, prompt), generator=torch.Generator().manual_seed(2)).to(device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    with ctx, PeakMemory(device) as mem:
+        t = time.perf_counter()
+        module.step(ids)
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        out = module.generate(ids, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+        total = time.perf_counter() - t
+    assert out.shape[1] == prompt + new
+    return prefill, (total - prefill) / new, mem.gib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--steps", type=int, default=2, help="timed training steps per configuration (after one warm-up)")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=32)
+    args = ap.parse_args()
+    quiet()
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    t = time.perf_counter()
+    with PeakMemory(args.device) as mem:
+        module = build(args.device)
+    counts = {"source": sum(p.numel() for p in module.source.parameters()),
+              "trained": sum(p.numel() for _, p in module.trainable_named_parameters())}
+    print(f"built in {time.perf_counter() - t:.0f} s: source {counts['source']:,} (bf16), trained {counts['trained']:,} "
+          f"(fp32); peak {mem.gib:.2f} GiB")
+    for ckpt in (False, True):
+        times, gib = train_steps(module, args.device, args.seq, args.steps, ckpt)
+        mean = sum(times) / len(times)
+        print(f"train step, {args.seq} tokens, gradient checkpointing {'on ' if ckpt else 'off'}: "
+              f"{mean:.2f} s/step (steps: {', '.join(f'{x:.2f}' for x in times)}); peak {gib:.2f} GiB")
+    prefill, per_token, gib = generation(module, args.device, args.prompt, args.new)
+    print(f"generation: prefill {args.prompt} tokens {prefill:.2f} s; {per_token:.3f} s per new token "
+          f"({args.new} cached steps); peak {gib:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

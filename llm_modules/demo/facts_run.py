@@ -1,0 +1,221 @@
+"""`llm-modules demo --world facts`: the real-facts benchmark (see llm_modules.demo.facts), every system
+trained through the project's Trainer, several seeds, report.md + results.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import GPTNeoConfig
+
+from ..data import Formatter, parse_row
+from ..io import atomic_write_text
+from ..model import LLMModule
+from ..source import load_causal_lm, load_tokenizer
+from ..training.recipe import TrainConfig
+from ..training.trainer import Trainer
+from .facts import FactSplit, RealFact, complete, load_facts, probe_source, score, split_by_entity, wilson
+from .run import fit_causal_lm
+
+Log = Callable[[str], None]
+MODULE_PAPER, MODULE_KNOWLEDGE = "LLM Module, paper design", "LLM Module + knowledge path"
+SMALL, KD, KD_TRANSFER, SOURCE = "small alone", "distilled from the source", "distilled + test prompts", "source alone"
+
+
+@dataclass
+class FactsConfig:
+    """The real-facts benchmark; defaults run one seed in about 10 minutes on 2 CPU cores."""
+
+    out: str = "demo_out/facts"
+    source: str | None = None
+    """Knowledge source (folder, hub id or .gguf); default: SmolLM2-135M-Instruct via `llm-modules fetch-source`."""
+    facts: str | None = None
+    """JSONL of facts (entity, relation, cue, answer, optional question); default: the packaged 658 facts."""
+    seeds: tuple[int, ...] = (0,)
+    small_hidden: int = 128
+    small_layers: int = 2
+    epochs: int = 25
+    batch_size: int = 16
+    lr: float = 1e-3
+    distill_weight: float = 1.0
+    """Knowledge-path module: weight of KL(source || module) at every position."""
+    source_dtype: str = "float32"
+    max_new_tokens: int = 8
+    progress: bool = True
+    systems: tuple[str, ...] = (MODULE_PAPER, MODULE_KNOWLEDGE, SMALL, KD, KD_TRANSFER, SOURCE)
+
+
+def _rows_file(path: Path, facts: Sequence[RealFact]) -> str:
+    atomic_write_text(path, "".join(json.dumps(f.row()) + "\n" for f in facts))
+    return str(path)
+
+
+def _small_config_dir(cfg: FactsConfig, out: Path) -> str:
+    """A GPT-Neo trunk config (trained from scratch: the small model knows no facts of its own)."""
+    folder = out / "small_config"
+    GPTNeoConfig(vocab_size=8, hidden_size=cfg.small_hidden, num_layers=cfg.small_layers,
+                 num_heads=max(1, cfg.small_hidden // 32), attention_types=[[["global"], cfg.small_layers]],
+                 max_position_embeddings=256).save_pretrained(str(folder))
+    return str(folder)
+
+
+def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Path, seed: int, knowledge: bool) -> LLMModule:
+    """One LLM Module on the split's training facts, best checkpoint on the validation entities."""
+    recipe = dict(large_model=source, small_model=small, init_small="scratch", source_dtype=cfg.source_dtype,
+                  num_heads=4, adapter_dim=64, dropout=0.0, format="plain", data=str(data / "train.jsonl"),
+                  val_data=str(data / "val.jsonl"), seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                  lr_bridge=cfg.lr, lr_small=cfg.lr, warmup_steps=10, output_dir=str(run), progress=cfg.progress,
+                  tensorboard=False, patience=0, max_length=128, feature_cache=True, cache_dir=str(data.parent.parent / "features"))
+    if knowledge:
+        recipe.update(knowledge_path="logits", distill_weight=cfg.distill_weight)
+    Trainer(TrainConfig.from_dict(recipe), log=lambda s: None, desc=("knowledge" if knowledge else "paper") + f" s{seed}").fit()
+    return LLMModule.from_pretrained(run / "best", large_model=source).eval()
+
+
+def train_small(cfg: FactsConfig, tok: Any, rows: Sequence[dict], run: Path, seed: int, desc: str,
+                teacher: Any = None) -> Any:
+    """The small model alone (GPT-Neo from scratch over the source's vocabulary), optionally distilled."""
+    from transformers import AutoModelForCausalLM
+
+    fmt = Formatter(tok, "plain", "assistant")
+    examples = [fmt.encode(parse_row(r, "task")) for r in rows]
+    torch.manual_seed(seed)
+    small = AutoModelForCausalLM.from_config(GPTNeoConfig(
+        vocab_size=len(tok), hidden_size=cfg.small_hidden, num_layers=cfg.small_layers,
+        num_heads=max(1, cfg.small_hidden // 32), attention_types=[[["global"], cfg.small_layers]],
+        max_position_embeddings=256, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    fit_causal_lm(small, tok, examples, run, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
+                  desc=desc, progress=cfg.progress, teacher=teacher, kd_temperature=2.0, kd_alpha=0.5)
+    return small
+
+
+def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, source_lm: Any, tok: Any,
+             out: Path, log: Log) -> dict[str, Any]:
+    """Every system on one split: {system: score dict}."""
+    root = out / f"seed{seed}"
+    data = root / "data"
+    _rows_file(data / "train.jsonl", split.train)
+    _rows_file(data / "val.jsonl", split.val)
+    small_cfg = _small_config_dir(cfg, out)
+    prompts = [f.prompt() for f in split.test]
+    got: dict[str, Any] = {}
+
+    def record(name: str, completions: list[str], seconds: float) -> None:
+        got[name] = score(split.test, completions, split.unseen) | {"seconds": seconds}
+        s = got[name]
+        log(f"  seed {seed} {name}: test EM {s['all']['em']:.1%}, unseen answers {_pct(s['unseen']['em'])}, "
+            f"seen {_pct(s['seen']['em'])} ({seconds:.0f} s)")
+
+    train_rows = [f.row() for f in split.train]
+    for name in cfg.systems:
+        t = time.perf_counter()
+        if name in (MODULE_PAPER, MODULE_KNOWLEDGE):
+            model = train_module(cfg, source_ref, small_cfg, data, root / name.replace(" ", "_").replace(",", ""),
+                                 seed, knowledge=name == MODULE_KNOWLEDGE)
+        elif name == SMALL:
+            model = train_small(cfg, tok, train_rows, root / "small", seed, "small")
+        elif name == KD:
+            model = train_small(cfg, tok, train_rows, root / "kd", seed, "distil", teacher=source_lm)
+        elif name == KD_TRANSFER:
+            # What distillation can do with teacher queries: the source answers the test prompts, unlabeled.
+            answers = complete(source_lm, tok, prompts, cfg.max_new_tokens)
+            extra = [{"conversations": [{"from": "user", "value": p}, {"from": "assistant", "value": a.split("\n")[0]}]}
+                     for p, a in zip(prompts, answers) if a.split("\n")[0].strip()]
+            model = train_small(cfg, tok, train_rows + extra, root / "kd_transfer", seed, "distil+", teacher=source_lm)
+        else:
+            model = source_lm
+        record(name, complete(model, tok, prompts, cfg.max_new_tokens), time.perf_counter() - t)
+    return got
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def run_facts(cfg: FactsConfig, log: Log = print) -> dict[str, Any]:
+    from ..sources import fetch_source
+    from ..source import KnowledgeSource
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source_ref = cfg.source or str(fetch_source("smollm2", log=log))
+    facts = load_facts(cfg.facts)
+    tok = load_tokenizer(source_ref)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    source_lm = load_causal_lm(source_ref, cfg.source_dtype).eval()
+    fp = KnowledgeSource(source_lm, source_ref).fingerprint()["weights_sha256"]
+    known = probe_source(source_lm, tok, facts, out / "probe.json", fp, log)
+    kept = [f for f, k in zip(facts, known) if k]
+    by_rel = {r: (sum(k for f, k in zip(facts, known) if f.relation == r), sum(f.relation == r for f in facts))
+              for r in sorted({f.relation for f in facts})}
+    log(f"the source states {len(kept)} of {len(facts)} facts: "
+        + ", ".join(f"{r} {k}/{n}" for r, (k, n) in by_rel.items()))
+    if len({f.entity for f in kept}) < 4:
+        raise ValueError("the source states too few facts to split by entity (need facts about 4+ entities)")
+    runs = {}
+    for seed in cfg.seeds:
+        split = split_by_entity(kept, seed)
+        log(f"seed {seed}: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test facts "
+            f"({len(split.unseen)} test answers never a training target)")
+        runs[seed] = run_seed(cfg, seed, split, source_ref, source_lm, tok, out, log)
+    summary = {"config": dataclasses.asdict(cfg), "source": source_ref, "probe": by_rel, "kept": len(kept),
+               "runs": {str(s): r for s, r in runs.items()}, "seconds": time.perf_counter() - t0}
+    summary["table"] = aggregate(runs)
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "report.md", facts_report(summary))
+    log(f"report: {out / 'report.md'}; total {summary['seconds']:.0f} s")
+    return summary
+
+
+def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per system and part (all, unseen, seen, each relation): mean, min and max over seeds, pooled Wilson 95% CI."""
+    table: dict[str, dict[str, Any]] = {}
+    for name in next(iter(runs.values())):
+        parts: dict[str, list[dict[str, Any]]] = {}
+        for r in runs.values():
+            s = r[name]
+            for part, v in [("all", s["all"]), ("unseen", s["unseen"]), ("seen", s["seen"]),
+                            *[(f"relation: {k}", v) for k, v in s["relations"].items()]]:
+                parts.setdefault(part, []).append(v)
+        table[name] = {}
+        for part, vs in parts.items():
+            ems = [v["em"] for v in vs if v["em"] is not None]
+            hits, n = sum(v["hits"] for v in vs), sum(v["n"] for v in vs)
+            table[name][part] = {"mean": statistics.mean(ems) if ems else None, "min": min(ems, default=None),
+                                 "max": max(ems, default=None), "n": n, "ci95": wilson(hits, n)}
+    return table
+
+
+def _cell(c: dict[str, Any]) -> str:
+    if c["mean"] is None:
+        return "n/a"
+    spread = f" ({c['min']:.0%}-{c['max']:.0%})" if c["max"] != c["min"] else ""
+    return f"{c['mean']:.1%}{spread} [{c['ci95'][0]:.0%}, {c['ci95'][1]:.0%}]"
+
+
+def facts_report(summary: dict[str, Any]) -> str:
+    table, seeds = summary["table"], summary["config"]["seeds"]
+    parts = ["all", "unseen", "seen"]
+    relations = sorted({p for t in table.values() for p in t if p.startswith("relation: ")})
+    lines = ["# Real facts: knowledge transfer from a pretrained source", "",
+             f"Source: `{summary['source']}`; it states {summary['kept']} of the facts when given their cue "
+             "(probe per relation: " + ", ".join(f"{r} {k}/{n}" for r, (k, n) in summary["probe"].items()) + "). "
+             f"Split by entity (train / validation / test); seeds {', '.join(map(str, seeds))}. Cells: mean over "
+             "seeds (min-max) [Wilson 95% interval over all seeds' test facts]. 'unseen': test facts whose answer "
+             "is never a training target.", "",
+             "| system | test EM | unseen answers | seen answers |", "|---|---|---|---|"]
+    for name, t in table.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(t[p]) for p in parts) + " |")
+    lines += ["", "## Per relation (test EM)", "", "| system | " + " | ".join(r[10:] for r in relations) + " |",
+              "|---|" + "---|" * len(relations)]
+    for name, t in table.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(t[r]) if r in t else "n/a" for r in relations) + " |")
+    return "\n".join(lines) + "\n"
