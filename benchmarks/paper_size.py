@@ -104,7 +104,9 @@ def train_steps(module: LLMModule, device: str, seq: int, steps: int, checkpoint
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
     if checkpointing:
-        module.generation.trunk.gradient_checkpointing_disable()
+        trunk = module.generation.trunk
+        off = getattr(trunk, "activation_checkpointing_disable", None) or trunk.gradient_checkpointing_disable
+        off()
     del trainer
     return times, mem.gib
 

@@ -32,7 +32,9 @@ def parameter_counts(module: LLMModule) -> dict[str, int]:
     counts["bridge"] = _count(b)
     counts["small trunk"] = _count(gen.trunk) - placeholder
     counts["head"] = _count(gen.lm_head)
-    counts["trained"] = counts["bridge"] + counts["small trunk"] + counts["head"]
+    if module.knowledge is not None:
+        counts["knowledge path gate"] = _count(module.knowledge)
+    counts["trained"] = counts["bridge"] + counts["small trunk"] + counts["head"] + counts.get("knowledge path gate", 0)
     counts["inference"] = counts["trained"] + counts.get("source (frozen)", 0)
     return counts
 

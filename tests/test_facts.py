@@ -1,0 +1,96 @@
+"""The real-facts benchmark: data, probing, entity split, scoring, and the whole pipeline on a tiny local source."""
+
+import json
+
+import pytest
+import torch
+
+from llm_modules.data import DataError
+from llm_modules.demo.facts import RealFact, load_facts, score, split_by_entity, states_answer, wilson
+
+CITIES = ["Tarnak", "Velmor", "Quist", "Dravo", "Ombra", "Selk", "Ritha", "Munzo", "Pelgar", "Hask", "Vorn", "Zelda"]
+NAMES = ["Zorvia", "Quelmar", "Astor", "Bexland", "Corrin", "Dalvia", "Ebron", "Fenwick", "Galdor", "Hollin",
+         "Istra", "Jorvik"]
+COLOURS = ["red", "blue", "green"]
+
+
+def _facts_file(path):
+    rows = []
+    for i, (n, c) in enumerate(zip(NAMES, CITIES)):
+        rows.append({"entity": n, "relation": "capital", "question": f"What is the capital of {n}?",
+                     "cue": f"The capital of {n} is", "answer": c})
+        rows.append({"entity": n, "relation": "colour", "cue": f"The flag of {n} is", "answer": COLOURS[i % 3]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_packaged_facts_are_many_relations_and_well_formed():
+    facts = load_facts()
+    rel = {f.relation for f in facts}
+    assert len(facts) >= 500 and len(rel) >= 5
+    assert {("France", "capital", "Paris"), ("Gold", "element symbol", "Au"), ("Iron", "atomic number", "26")} <= {
+        (f.entity, f.relation, f.answer) for f in facts}
+
+
+def test_bad_fact_files_name_the_line(tmp_path):
+    p = tmp_path / "f.jsonl"
+    p.write_text('{"entity": "A", "relation": "r", "cue": "c", "answer": "x"}\n{"entity": "B", "cue": "c"}\n')
+    with pytest.raises(DataError, match="f.jsonl line 2: needs non-empty string field\\(s\\) relation, answer"):
+        load_facts(p)
+    p.write_text('{"entity": "A", "relation": "r", "cue": "c", "answer": "x"}\n{"entity": "A", "relation": "r", "cue": "d", "answer": "y"}\n')
+    with pytest.raises(DataError, match="line 2: a second 'r' fact for 'A'"):
+        load_facts(p)
+
+
+def test_split_is_by_entity_and_unseen_answers_are_never_targets():
+    facts = [RealFact(n, "capital", f"cue {n}", c) for n, c in zip(NAMES, CITIES)]
+    facts += [RealFact(n, "colour", f"flag {n}", COLOURS[i % 3]) for i, n in enumerate(NAMES)]
+    s = split_by_entity(facts, seed=1)
+    ents = [{f.entity for f in part} for part in (s.train, s.val, s.test)]
+    assert all(ents) and not (ents[0] & ents[1] or ents[0] & ents[2] or ents[1] & ents[2])
+    targets = {f.answer.lower() for f in s.train}
+    assert s.unseen == {f for f in s.test if f.answer.lower() not in targets}
+    assert any(f.relation == "capital" for f in s.unseen) and not any(f.relation == "colour" for f in s.unseen)
+
+
+def test_scoring_and_intervals():
+    assert states_answer(" Paris. It is", "Paris") and states_answer(" New Delhi\nx", "New Delhi")
+    assert not states_answer(" Parisian", "Paris") and not states_answer(" Lyon", "Paris")
+    facts = [RealFact("A", "r", "c", "x"), RealFact("B", "s", "c", "y")]
+    sc = score(facts, [" x", " z"], unseen={facts[1]})
+    assert sc["all"]["em"] == 0.5 and sc["unseen"]["em"] == 0.0 and sc["relations"]["r"]["em"] == 1.0
+    lo, hi = wilson(45, 50)
+    assert 0.78 < lo < 0.80 and 0.95 < hi < 0.97 and wilson(0, 0) == (0.0, 0.0)
+
+
+def test_whole_facts_benchmark_on_a_tiny_local_source(fx, tmp_path):
+    """A tiny model taught the facts is the source; every system runs; the report has every table."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from llm_modules.demo.facts_run import FactsConfig, run_facts
+    from llm_modules.demo.run import fit_causal_lm, lm_examples
+    from llm_modules.fixtures import tiny_config
+
+    rows = _facts_file(tmp_path / "facts.jsonl")
+    tok = PreTrainedTokenizerFast.from_pretrained(fx["tokenizer"])
+    torch.manual_seed(0)
+    src = AutoModelForCausalLM.from_config(tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4))
+    texts = [f"{r['cue']} {r['answer']}." for r in rows] * 4
+    fit_causal_lm(src, tok, lm_examples(tok, texts), tmp_path / "src_run", epochs=60, lr=5e-3, batch_size=16, seed=0,
+                  desc="src", progress=False)
+    src_dir = tmp_path / "src_run" / "last"
+    cfg = FactsConfig(out=str(tmp_path / "out"), source=str(src_dir), facts=str(tmp_path / "facts.jsonl"),
+                      seeds=(0, 1), epochs=2, small_hidden=32, batch_size=8, progress=False)
+    logs = []
+    summary = run_facts(cfg, log=logs.append)
+    assert summary["kept"] >= 8  # the tiny source learned most facts; the probe keeps what it states
+    table = summary["table"]
+    assert set(table) == set(cfg.systems)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| LLM Module + knowledge path |" in report and "unseen answers" in report and "capital" in report
+    src_em = table["source alone"]["all"]["mean"]
+    assert src_em is not None and 0.0 <= src_em <= 1.0
+    assert summary["runs"]["0"]["small alone"]["all"]["n"] == summary["runs"]["0"]["source alone"]["all"]["n"]
+    assert (tmp_path / "out" / "probe.json").exists()
+    again = run_facts(cfg, log=logs.append)  # the probe is cached
+    assert sum("probing the source" in s for s in logs) == 1 and again["kept"] == summary["kept"]
