@@ -214,8 +214,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.world == "facts":
         from .demo.facts_run import FactsConfig, run_facts
 
+        from .demo.facts_run import ABLATION
+
         cfg = FactsConfig(out=args.out if args.out != "demo_out" else "demo_out/facts", source=args.source,
                           facts=args.facts, seeds=tuple(args.seeds or [args.seed]))
+        if args.ablation:
+            cfg.systems = (*cfg.systems[:2], *ABLATION, *cfg.systems[2:])
         if args.threads:
             import torch
 
@@ -223,12 +227,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
         run_facts(cfg)
         return
     from .demo import DemoConfig, run_demo
+    from .demo.run import run_demo_seeds
 
     cfg = DemoConfig.quick(seed=args.seed, out=args.out) if args.quick else DemoConfig(seed=args.seed, out=args.out)
     if args.cache_dir:
         cfg.cache_dir = args.cache_dir
     cfg.threads = args.threads
-    run_demo(cfg)
+    if args.seeds:
+        run_demo_seeds(cfg, args.seeds)
+    else:
+        run_demo(cfg)
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -244,9 +252,11 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--world", default="synthetic", choices=["synthetic", "facts"], help="which experiment (default synthetic)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out; demo_out/facts for --world facts)")
     p.add_argument("--seed", type=int, default=0, help="world and training seed (default 0)")
-    p.add_argument("--seeds", type=int, nargs="+", help="facts world: several seeds (mean, spread and intervals)")
+    p.add_argument("--seeds", type=int, nargs="+", help="several seeds: mean, min-max and Wilson intervals in one report")
     p.add_argument("--source", help="facts world: knowledge source (folder, hub id or .gguf; default: smollm2 fetched)")
     p.add_argument("--facts", help="facts world: JSONL of facts (entity, relation, cue, answer, optional question)")
+    p.add_argument("--ablation", action="store_true",
+                   help="facts world: also the paper's design with distillation and the knowledge path without it")
     p.add_argument("--cache-dir", help="where pretrained demo models are kept (default ~/.cache/llm-modules/demo)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke version (numbers are meaningless)")

@@ -55,7 +55,8 @@ def test_quick_demo_writes_report(tmp_path):
     assert "| LLM Module (frozen large + bridge + small) |" in report and "What is the sum of 5 and 5?" in report
     assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "accuracy.png").stat().st_size > 1000
     res = json.loads((out / "results.json").read_text())["results"]
-    assert len(res) == 5 and all(0.0 <= r["heldout"] <= 1.0 for r in res.values())
+    assert len(res) == 7 and all(0.0 <= r["heldout"] <= 1.0 for r in res.values())
+    assert "large fine-tuned (the distillation teacher)" in res and "distilled + held-out prompts (teacher-answered)" in res
     assert summary["results"]["small fine-tuned"]["trainable"] < summary["results"]["LLM Module (frozen large + bridge + small)"]["trainable"]
     # a second run reuses the cached pretrained models
     logs = []
@@ -63,8 +64,23 @@ def test_quick_demo_writes_report(tmp_path):
     assert any("pretrained models: reusing" in s for s in logs)
     # a line per result, no per-validation chatter (training reports through its progress bar)
     assert not any("validation loss" in s or s.startswith("data:") for s in logs)
-    assert sum(s.lstrip().startswith(("LLM Module:", "small", "distilled", "large alone")) for s in logs) == 5
+    assert sum(s.lstrip().startswith(("LLM Module:", "small", "distilled", "large alone", "large fine-tuned"))
+               for s in logs) == 7
     # deterministic from the seed: the same numbers again
     for name, r in summary["results"].items():
         r2 = again["results"][name]
         assert (r["heldout"], r["trained"], r["val_loss"]) == (r2["heldout"], r2["trained"], r2["val_loss"])
+
+
+def test_several_seeds_give_one_report_with_spread_and_intervals(tmp_path):
+    from llm_modules.demo.run import run_demo_seeds
+
+    cfg = DemoConfig.quick(out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    summary = run_demo_seeds(cfg, [0, 1], log=lambda s: None)
+    assert (tmp_path / "out" / "seed0" / "report.md").exists() and (tmp_path / "out" / "seed1" / "report.md").exists()
+    cell = summary["table"]["LLM Module (frozen large + bridge + small)"]["heldout_entities"]
+    assert cell["min"] <= cell["mean"] <= cell["max"] and 0.0 <= cell["ci95"][0] <= cell["ci95"][1] <= 1.0
+    assert cell["n"] == 2 * 12  # quick world: 4 held-out entities x 3 attributes, twice
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Seeds 0, 1" in report and "| large model alone (corpus-form prompts) |" in report
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000

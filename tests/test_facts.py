@@ -67,7 +67,7 @@ def test_whole_facts_benchmark_on_a_tiny_local_source(fx, tmp_path):
     """A tiny model taught the facts is the source; every system runs; the report has every table."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from llm_modules.demo.facts_run import FactsConfig, run_facts
+    from llm_modules.demo.facts_run import ABLATION, FactsConfig, run_facts
     from llm_modules.demo.run import fit_causal_lm, lm_examples
     from llm_modules.fixtures import tiny_config
 
@@ -81,16 +81,20 @@ def test_whole_facts_benchmark_on_a_tiny_local_source(fx, tmp_path):
     src_dir = tmp_path / "src_run" / "last"
     cfg = FactsConfig(out=str(tmp_path / "out"), source=str(src_dir), facts=str(tmp_path / "facts.jsonl"),
                       seeds=(0, 1), epochs=2, small_hidden=32, batch_size=8, progress=False)
+    cfg.systems = (*cfg.systems, *ABLATION)
     logs = []
     summary = run_facts(cfg, log=logs.append)
     assert summary["kept"] >= 8  # the tiny source learned most facts; the probe keeps what it states
     table = summary["table"]
-    assert set(table) == set(cfg.systems)
+    assert set(table) == set(cfg.systems) | {"source alone, bare cue (100% by selection)"}
+    assert table["source alone, bare cue (100% by selection)"]["all"]["mean"] >= 0.9  # the probe kept what it states
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| LLM Module + knowledge path |" in report and "unseen answers" in report and "capital" in report
     src_em = table["source alone"]["all"]["mean"]
     assert src_em is not None and 0.0 <= src_em <= 1.0
     assert summary["runs"]["0"]["small alone"]["all"]["n"] == summary["runs"]["0"]["source alone"]["all"]["n"]
     assert (tmp_path / "out" / "probe.json").exists()
-    again = run_facts(cfg, log=logs.append)  # the probe is cached
+    import dataclasses
+
+    again = run_facts(dataclasses.replace(cfg, systems=(), seeds=(0,)), log=logs.append)  # the probe is cached
     assert sum("probing the source" in s for s in logs) == 1 and again["kept"] == summary["kept"]

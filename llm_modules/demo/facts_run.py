@@ -26,6 +26,11 @@ from .run import fit_causal_lm
 Log = Callable[[str], None]
 MODULE_PAPER, MODULE_KNOWLEDGE = "LLM Module, paper design", "LLM Module + knowledge path"
 SMALL, KD, KD_TRANSFER, SOURCE = "small alone", "distilled from the source", "distilled + test prompts", "source alone"
+SOURCE_CUE = "source alone, bare cue (100% by selection)"
+# Ablation: which of the two changes moves the knowledge.
+PAPER_KD, KNOWLEDGE_NO_KD = "LLM Module, paper design + distillation", "LLM Module + knowledge path, no distillation"
+ABLATION = (PAPER_KD, KNOWLEDGE_NO_KD)
+MODULES = {MODULE_PAPER: (False, 0.0), MODULE_KNOWLEDGE: (True, None), PAPER_KD: (False, None), KNOWLEDGE_NO_KD: (True, 0.0)}
 
 
 @dataclass
@@ -65,16 +70,17 @@ def _small_config_dir(cfg: FactsConfig, out: Path) -> str:
     return str(folder)
 
 
-def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Path, seed: int, knowledge: bool) -> LLMModule:
+def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Path, seed: int, knowledge: bool,
+                 distill: float) -> LLMModule:
     """One LLM Module on the split's training facts, best checkpoint on the validation entities."""
     recipe = dict(large_model=source, small_model=small, init_small="scratch", source_dtype=cfg.source_dtype,
                   num_heads=4, adapter_dim=64, dropout=0.0, format="plain", data=str(data / "train.jsonl"),
                   val_data=str(data / "val.jsonl"), seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
                   lr_bridge=cfg.lr, lr_small=cfg.lr, warmup_steps=10, output_dir=str(run), progress=cfg.progress,
                   tensorboard=False, patience=0, max_length=128, feature_cache=True, cache_dir=str(data.parent.parent / "features"))
-    if knowledge:
-        recipe.update(knowledge_path="logits", distill_weight=cfg.distill_weight)
-    Trainer(TrainConfig.from_dict(recipe), log=lambda s: None, desc=("knowledge" if knowledge else "paper") + f" s{seed}").fit()
+    recipe.update(knowledge_path="logits" if knowledge else "none", distill_weight=distill)
+    desc = ("knowledge" if knowledge else "paper") + ("+kd" if distill else "") + f" s{seed}"
+    Trainer(TrainConfig.from_dict(recipe), log=lambda s: None, desc=desc).fit()
     return LLMModule.from_pretrained(run / "best", large_model=source).eval()
 
 
@@ -108,6 +114,8 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
 
     def record(name: str, completions: list[str], seconds: float) -> None:
         got[name] = score(split.test, completions, split.unseen) | {"seconds": seconds}
+        got[name]["answers"] = [{"entity": f.entity, "relation": f.relation, "gold": f.answer, "got": c.split("\n")[0],
+                                 "unseen": f in split.unseen} for f, c in zip(split.test, completions)]
         s = got[name]
         log(f"  seed {seed} {name}: test EM {s['all']['em']:.1%}, unseen answers {_pct(s['unseen']['em'])}, "
             f"seen {_pct(s['seen']['em'])} ({seconds:.0f} s)")
@@ -115,9 +123,11 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
     train_rows = [f.row() for f in split.train]
     for name in cfg.systems:
         t = time.perf_counter()
-        if name in (MODULE_PAPER, MODULE_KNOWLEDGE):
-            model = train_module(cfg, source_ref, small_cfg, data, root / name.replace(" ", "_").replace(",", ""),
-                                 seed, knowledge=name == MODULE_KNOWLEDGE)
+        if name in MODULES:
+            knowledge, distill = MODULES[name]
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            model = train_module(cfg, source_ref, small_cfg, data, root / slug, seed, knowledge,
+                                 cfg.distill_weight if distill is None else distill)
         elif name == SMALL:
             model = train_small(cfg, tok, train_rows, root / "small", seed, "small")
         elif name == KD:
@@ -131,6 +141,8 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
         else:
             model = source_lm
         record(name, complete(model, tok, prompts, cfg.max_new_tokens), time.perf_counter() - t)
+    if SOURCE in cfg.systems:  # the selection itself: the bare cue, which the source states by construction
+        record(SOURCE_CUE, complete(source_lm, tok, [f.cue for f in split.test], cfg.max_new_tokens), 0.0)
     return got
 
 

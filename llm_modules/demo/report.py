@@ -82,11 +82,12 @@ def write_report(out: Path, summary: dict[str, Any], curves: dict[str, list[floa
              "Held-out entities and arithmetic pairs were never seen in task form by any trained system; "
              "only the frozen large model knows them. Chance on entity facts is about 1/8 to 1/12; arithmetic can "
              "partly be inferred from the trained pairs.", "", *_table(summary), "",
-             "Distillation uses the large model's soft targets on the task text (temperature "
-             f"{cfg['kd_temperature']}, weight {1 - cfg['kd_alpha']:.1f} on them). The large model never saw the task "
-             "format, so those targets say little about the reasoning markers; and distillation on the trained "
-             "questions cannot carry facts about held-out entities, which the LLM Module reads from the frozen source "
-             "at inference. Its training loss includes the soft-target term, so its curve is not comparable.", "",
+             "Distillation: the teacher is the large model fine-tuned on the training questions (its own row), so it "
+             "knows the task format; the student (the pretrained small model) learns from its soft targets on the "
+             f"task text (temperature {cfg['kd_temperature']}, weight {1 - cfg['kd_alpha']:.1f} on them). "
+             "'+ held-out prompts' also gives the student the held-out questions answered by the teacher (unlabeled "
+             "transfer inputs: what distillation can do when the questions to come are known). Distillation losses "
+             "include the soft-target term, so their curves are not comparable.", "",
              "## Answers to fixed prompts (as the paper's Table 1)", "",
              "| prompt | gold | " + " | ".join(n.split(" (")[0] for n in summary["fixed_answers"]) + " |",
              "|---|---|" + "---|" * len(summary["fixed_answers"])]
@@ -94,5 +95,64 @@ def write_report(out: Path, summary: dict[str, Any], curves: dict[str, list[floa
         cells = [str(v[i]).replace("|", "/")[:40] for v in summary["fixed_answers"].values()]
         lines.append(f"| {p} | {summary['gold'][i]} | " + " | ".join(cells) + " |")
     lines += ["", "![loss curves](loss_curves.png) ![accuracy](accuracy.png)", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
+
+
+METRICS = (("heldout_entities", "held-out entity facts"), ("heldout_arithmetic", "held-out arithmetic"),
+           ("trained", "trained questions"))
+
+
+def aggregate_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per system and metric: mean, min, max over seeds and the Wilson 95% interval of the pooled counts."""
+    from .facts import wilson
+
+    table: dict[str, dict[str, Any]] = {}
+    for name in next(iter(runs.values()))["results"]:
+        table[name] = {}
+        for key, _ in METRICS:
+            vals = [r["results"][name][key] for r in runs.values()]
+            ns = [r["results"][name]["n"][key] for r in runs.values()]
+            hits = sum(round(v * n) for v, n in zip(vals, ns))
+            table[name][key] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals),
+                                "ci95": wilson(hits, sum(ns)), "n": sum(ns)}
+    return table
+
+
+def seeds_table(table: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| system | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for name, t in table.items():
+        cells = [f"{c['mean']:.1%} ({c['min']:.0%}-{c['max']:.0%}) [{c['ci95'][0]:.0%}, {c['ci95'][1]:.0%}]"
+                 for c in (t[k] for k, _ in METRICS)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_seeds_report(out: Path, summary: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table, names = summary["table"], list(summary["table"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for j, (key, label) in enumerate(METRICS):
+        xs = [i + (j - 1) * 0.27 for i in range(len(names))]
+        means = [table[n][key]["mean"] for n in names]
+        err = [[m - table[n][key]["min"] for n, m in zip(names, means)], [table[n][key]["max"] - m for n, m in zip(names, means)]]
+        ax.bar(xs, means, 0.27, yerr=err, capsize=3, label=label)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.split(" (")[0] for n in names], rotation=15, fontsize=7)
+    ax.set_ylabel(f"exact match (mean, min-max over {len(summary['seeds'])} seeds)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(out / "accuracy.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    lines = ["# LLM Modules demo: knowledge transfer in a synthetic world, several seeds", "",
+             f"Seeds {', '.join(map(str, summary['seeds']))}, each with its own world, pretraining and training "
+             f"(reports in seedN/). Cells: mean over seeds (min-max) [Wilson 95% interval of all seeds' answers "
+             f"pooled]. Total time {summary['seconds']:.0f} s.", "", *seeds_table(table), "",
+             "![accuracy](accuracy.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))

@@ -41,6 +41,9 @@ from .report import display, print_table, row_line, write_report
 from .world import SYSTEM, Fact, World, grouped, make_world
 
 FIXED_PROMPTS = [("sum", {"a": 5, "b": 5}), ("remainder", {"a": 7, "b": 4})]
+TEACHER = "large fine-tuned (the distillation teacher)"
+KD = "distilled (logit KD from the fine-tuned large)"
+KD_TRANSFER = "distilled + held-out prompts (teacher-answered)"
 
 
 @dataclass
@@ -211,7 +214,8 @@ class Task:
         ari = [h for h, f in zip(hit, w.heldout_facts) if not w.is_entity(f)]
         tr = [get(t) == f.value for t, f in zip(trained, self.trained_sample)]
         mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
-        return {"heldout": mean(hit), "heldout_entities": mean(ent), "heldout_arithmetic": mean(ari), "trained": mean(tr)}
+        return {"heldout": mean(hit), "heldout_entities": mean(ent), "heldout_arithmetic": mean(ari), "trained": mean(tr),
+                "n": {"heldout": len(hit), "heldout_entities": len(ent), "heldout_arithmetic": len(ari), "trained": len(tr)}}
 
     def answers(self, model: Any, max_new: int = 48) -> tuple[list[str], list[str], list[str]]:
         """Greedy answers to the held-out questions, the trained sample and the fixed prompts."""
@@ -255,11 +259,11 @@ def run_llm_module(cfg: DemoConfig, task: Task, large_dir: Path, small_dir: Path
 
 
 def run_baseline(cfg: DemoConfig, task: Task, name: str, small: PreTrainedModel, out: Path,
-                 teacher: PreTrainedModel | None = None) -> tuple[dict, list, list]:
-    """Fine-tune a plain small causal LM on the task (with `teacher`: logit distillation)."""
+                 teacher: PreTrainedModel | None = None, extra: Sequence[Example] = ()) -> tuple[dict, list, list]:
+    """Fine-tune a plain causal LM on the task (with `teacher`: logit distillation; `extra`: more examples)."""
     t = time.perf_counter()
     slug = "".join(c if c.isalnum() else "_" for c in name.split(" (")[0])
-    losses = fit_causal_lm(small, task.tokenizer, task.train_ex, out / "baselines" / slug, epochs=cfg.task_epochs,
+    losses = fit_causal_lm(small, task.tokenizer, [*task.train_ex, *extra], out / "baselines" / slug, epochs=cfg.task_epochs,
                            lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, desc=name.split(" (")[0],
                            progress=cfg.progress, teacher=teacher, kd_temperature=cfg.kd_temperature, kd_alpha=cfg.kd_alpha)
     secs = time.perf_counter() - t
@@ -293,12 +297,21 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     record("LLM Module (frozen large + bridge + small)", "LLM Module",
            run_llm_module(cfg, task, large_dir, small_dir, out))
     large = AutoModelForCausalLM.from_pretrained(str(large_dir)).eval()
-    for name, init, teacher in (("small fine-tuned", "pretrained", None), ("small from scratch", "scratch", None),
-                                ("distilled (logit KD from large)", "pretrained", large)):
+    # A fair teacher for distillation: the large model fine-tuned on the training questions (it knows the format).
+    torch.manual_seed(cfg.seed + 5)
+    teacher = AutoModelForCausalLM.from_pretrained(str(large_dir))
+    record(TEACHER, "large fine-tuned", run_baseline(cfg, task, TEACHER, teacher, out))
+    # What distillation can do with teacher queries: the teacher answers the held-out prompts (unlabeled inputs).
+    fmt = Formatter(tok, "paper", "assistant")
+    queries = [fmt.encode(parse_row({"system": SYSTEM, "conversations": [
+        {"from": "user", "value": f.question()}, {"from": "assistant", "value": a.strip() or "?"}]}, "transfer"))
+        for f, a in zip(world.heldout_facts, generate_answers(teacher, task.prompts(world.heldout_facts), 48, tok))]
+    for name, init, kd, extra in (("small fine-tuned", "pretrained", None, []), ("small from scratch", "scratch", None, []),
+                                  (KD, "pretrained", teacher, []), (KD_TRANSFER, "pretrained", teacher, queries)):
         torch.manual_seed(cfg.seed + 7)
         small = (AutoModelForCausalLM.from_pretrained(str(small_dir)) if init == "pretrained"
                  else AutoModelForCausalLM.from_config(small_config(cfg, len(tok), tok)))
-        record(name, name, run_baseline(cfg, task, name, small, out, teacher))
+        record(name, name.split(" (")[0], run_baseline(cfg, task, name, small, out, kd, extra))
 
     # The large model alone, prompted in its corpus form.
     ho, tr, fx = (generate_answers(large, [f.stem() for f in fs], 6, tok)
@@ -317,4 +330,21 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     write_report(out, summary, curves, pre)
     print_table(summary, log)
     log(f"report: {out / 'report.md'} (plots: loss_curves.png, accuracy.png); total {summary['seconds']:.0f} s")
+    return summary
+
+
+def run_demo_seeds(cfg: DemoConfig, seeds: Sequence[int], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The demo over several seeds (each its own world, pretraining and training) in OUT/seedN, and a combined
+    report (mean, min-max and pooled Wilson 95% intervals) in OUT."""
+    from .report import aggregate_seeds, write_seeds_report
+
+    runs = {}
+    for seed in seeds:
+        log(f"== seed {seed}")
+        runs[seed] = run_demo(dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed{seed}")), log)
+    summary = {"config": dataclasses.asdict(cfg), "seeds": list(seeds), "table": aggregate_seeds(runs),
+               "large_fact_accuracy": {s: r["large_fact_accuracy"] for s, r in runs.items()},
+               "seconds": sum(r["seconds"] for r in runs.values())}
+    write_seeds_report(Path(cfg.out), summary)
+    log(f"report over seeds {', '.join(map(str, seeds))}: {Path(cfg.out) / 'report.md'}")
     return summary
