@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
@@ -241,8 +242,8 @@ class LLMModule(nn.Module):
         token, or 1, 2, ... for the examples of a packed row).
         `source_states` skips the knowledge source (e.g. features read from the cache).
         `loss_chunk_size` computes the loss in chunks of that many tokens, never holding the full
-        [B, T, V] logits (set return_logits=False to get the memory benefit; not with the knowledge
-        path or distillation, which need the source's full distribution).
+        [B, T, V] logits; with return_logits=False the heads (the new one, and the source's on the
+        knowledge path) run only at positions with a target. Distillation needs every position.
         `distill_weight` adds that times KL(source || module) over every real position.
         """
         if attention_mask is None:
@@ -260,16 +261,17 @@ class LLMModule(nn.Module):
         embeds = self.bridge(source_states, attention_mask)
         trunk_mask, positions = decoder_inputs(attention_mask, embeds.dtype, reference=reference)
         hidden, _ = self.generation(embeds, trunk_mask, positions)
+        if labels is not None and not return_logits and not distill_weight:
+            # Training: logits only where there is a target (answers only, with assistant-only labels).
+            out = ModuleOutput()
+            out.loss, out.num_tokens = self._target_loss(hidden, source_states, labels, loss_chunk_size)
+            return out
         src_logits = None
         if self.knowledge is not None or distill_weight:
             src_logits = self._source_logits(source_states)
-        out = ModuleOutput()
-        if return_logits or src_logits is not None:
-            out.logits = self.output_logits(hidden, src_logits)
+        out = ModuleOutput(logits=self.output_logits(hidden, src_logits))
         if labels is not None:
-            out.loss, out.num_tokens = shifted_loss(labels, logits=out.logits, hidden=hidden,
-                                                    head_weight=self.generation.lm_head.weight,
-                                                    chunk_size=loss_chunk_size)
+            out.loss, out.num_tokens = shifted_loss(labels, logits=out.logits)
             if distill_weight:
                 # Every real position, prompt included: the module learns to read the source in general.
                 real = (attention_mask[:, :-1] > 0) & (attention_mask[:, 1:] > 0)
@@ -278,6 +280,16 @@ class LLMModule(nn.Module):
         if not return_logits:
             out.logits = None
         return out
+
+    def _target_loss(self, hidden: Tensor, source_states: Tensor, labels: Tensor,
+                     chunk_size: int | None) -> tuple[Tensor, int]:
+        """(mean shifted cross-entropy, targets), computing logits at target positions only."""
+        if self.knowledge is None:
+            return shifted_loss(labels, hidden=hidden, head_weight=self.generation.lm_head.weight, chunk_size=chunk_size)
+        keep = labels[:, 1:] != -100
+        logits = self.output_logits(hidden[:, :-1][keep], self._source_logits(source_states[:, :-1][keep]))
+        n = int(keep.sum())
+        return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="sum") / max(n, 1), n
 
     @property
     def supports_cache(self) -> bool:

@@ -55,3 +55,18 @@ def tiny_train_config(fx, tmp_path):
         return TrainConfig.from_dict(base)
 
     return make
+
+
+def write_tiny_recipe(fx, folder, rows: int = 40, data_seed: int = 5, adapter_dim: int = 16):
+    """(recipe path, data path): a one-epoch recipe on the tiny fixtures and arithmetic rows, for CLI tests."""
+    import json
+
+    from llm_modules.fixtures import arith_rows
+
+    data = folder / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in arith_rows(rows, seed=data_seed)))
+    recipe = folder / "r.yaml"
+    recipe.write_text(f"large_model: {fx['large_qwen2']}\nsmall_model: {fx['small_gpt_neo']}\nsource_dtype: float32\n"
+                      f"num_heads: 4\nadapter_dim: {adapter_dim}\ndata: {data}\nepochs: 1\nbatch_size: 8\n"
+                      f"output_dir: {folder / 'run'}\nprogress: false\ntensorboard: false\n")
+    return recipe, data

@@ -65,14 +65,9 @@ def test_pickle_payloads_in_a_run_folder_never_run(tmp_path):
 
 
 def test_resume_from_a_tampered_run_is_one_line_through_the_cli(fx, tmp_path, capsys):
-    from llm_modules.fixtures import arith_rows
+    from conftest import write_tiny_recipe
 
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in arith_rows(16, seed=2)))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"large_model: {fx['large_qwen2']}\nsmall_model: {fx['small_gpt_neo']}\nsource_dtype: float32\n"
-                      f"num_heads: 4\nadapter_dim: 8\ndata: {data}\nepochs: 1\nbatch_size: 8\n"
-                      f"output_dir: {tmp_path / 'run'}\nprogress: false\ntensorboard: false\n")
+    recipe, _ = write_tiny_recipe(fx, tmp_path, rows=16, data_seed=2, adapter_dim=8)
     assert main(["train", "--config", str(recipe)]) == 0
     last = tmp_path / "run" / "last"
     assert (last / STATE_JSON).exists() and not (last / LEGACY_STATE).exists()

@@ -7,19 +7,15 @@ import pytest
 
 from llm_modules.inference.chat import chat_loop
 from llm_modules.cli import main
-from llm_modules.fixtures import arith_rows
+
+from conftest import write_tiny_recipe
 
 
 @pytest.fixture(scope="module")
 def trained(fx, tmp_path_factory):
     """A tiny module trained for a few steps through `llm-modules train`, plus its data."""
     tmp = tmp_path_factory.mktemp("cli")
-    data = tmp / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in arith_rows(40, seed=5)))
-    recipe = tmp / "r.yaml"
-    recipe.write_text(f"large_model: {fx['large_qwen2']}\nsmall_model: {fx['small_gpt_neo']}\nsource_dtype: float32\n"
-                      f"num_heads: 4\nadapter_dim: 16\ndata: {data}\nepochs: 1\nbatch_size: 8\n"
-                      f"output_dir: {tmp / 'run'}\nprogress: false\ntensorboard: false\n")
+    recipe, data = write_tiny_recipe(fx, tmp)
     assert main(["train", "--config", str(recipe), "--lr_bridge", "0.003"]) == 0
     return tmp / "run" / "best", data, recipe
 

@@ -93,7 +93,7 @@ def test_whole_facts_benchmark_on_a_tiny_local_source(fx, tmp_path):
     src_em = table["source alone"]["all"]["mean"]
     assert src_em is not None and 0.0 <= src_em <= 1.0
     assert summary["runs"]["0"]["small alone"]["all"]["n"] == summary["runs"]["0"]["source alone"]["all"]["n"]
-    assert (tmp_path / "out" / "probe.json").exists()
+    assert (tmp_path / "out" / "probe.json").exists() and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
     import dataclasses
 
     again = run_facts(dataclasses.replace(cfg, systems=(), seeds=(0,)), log=logs.append)  # the probe is cached

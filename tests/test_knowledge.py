@@ -49,6 +49,22 @@ def test_knowledge_path_is_causal_and_caches_like_full_recomputation(build):
     assert max((x - y).abs().max().item() for (_, x), (_, y) in zip(*runs)) <= 1e-4
 
 
+def test_target_only_loss_equals_the_full_one(build):
+    m = build(knowledge_path="logits", seed=4).eval()
+    with torch.no_grad():
+        m.generation.lm_head.weight.normal_(0, 0.3)
+    ids = _ids(m, 9)
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt, then the answer
+    full = m(ids, labels=labels)
+    only = m(ids, labels=labels, return_logits=False)
+    assert only.logits is None and only.num_tokens == full.num_tokens == 2 * 4
+    assert abs(full.loss.item() - only.loss.item()) <= 1e-5
+    ga = torch.autograd.grad(full.loss, m.knowledge.scale.weight)[0]
+    gb = torch.autograd.grad(only.loss, m.knowledge.scale.weight)[0]
+    torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
+
+
 def test_save_load_and_counts(build, tmp_path):
     from llm_modules.info import parameter_counts
 

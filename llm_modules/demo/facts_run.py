@@ -61,12 +61,17 @@ def _rows_file(path: Path, facts: Sequence[RealFact]) -> str:
     return str(path)
 
 
+def small_config(cfg: FactsConfig, vocab_size: int, eos: int | None = None) -> GPTNeoConfig:
+    """The small model: a GPT-Neo trained from scratch, so it knows no facts of its own."""
+    return GPTNeoConfig(vocab_size=vocab_size, hidden_size=cfg.small_hidden, num_layers=cfg.small_layers,
+                        num_heads=max(1, cfg.small_hidden // 32), attention_types=[[["global"], cfg.small_layers]],
+                        max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos)
+
+
 def _small_config_dir(cfg: FactsConfig, out: Path) -> str:
-    """A GPT-Neo trunk config (trained from scratch: the small model knows no facts of its own)."""
+    """The trunk's config as a folder (its token embeddings are never used: vocabulary 8)."""
     folder = out / "small_config"
-    GPTNeoConfig(vocab_size=8, hidden_size=cfg.small_hidden, num_layers=cfg.small_layers,
-                 num_heads=max(1, cfg.small_hidden // 32), attention_types=[[["global"], cfg.small_layers]],
-                 max_position_embeddings=256).save_pretrained(str(folder))
+    small_config(cfg, 8).save_pretrained(str(folder))
     return str(folder)
 
 
@@ -92,10 +97,7 @@ def train_small(cfg: FactsConfig, tok: Any, rows: Sequence[dict], run: Path, see
     fmt = Formatter(tok, "plain", "assistant")
     examples = [fmt.encode(parse_row(r, "task")) for r in rows]
     torch.manual_seed(seed)
-    small = AutoModelForCausalLM.from_config(GPTNeoConfig(
-        vocab_size=len(tok), hidden_size=cfg.small_hidden, num_layers=cfg.small_layers,
-        num_heads=max(1, cfg.small_hidden // 32), attention_types=[[["global"], cfg.small_layers]],
-        max_position_embeddings=256, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    small = AutoModelForCausalLM.from_config(small_config(cfg, len(tok), tok.eos_token_id))
     fit_causal_lm(small, tok, examples, run, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
                   desc=desc, progress=cfg.progress, teacher=teacher, kd_temperature=2.0, kd_alpha=0.5)
     return small
@@ -183,6 +185,7 @@ def run_facts(cfg: FactsConfig, log: Log = print) -> dict[str, Any]:
     summary["table"] = aggregate(runs)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "report.md", facts_report(summary))
+    plot_facts(summary["table"], out / "accuracy.png", len(cfg.seeds))
     log(f"report: {out / 'report.md'}; total {summary['seconds']:.0f} s")
     return summary
 
@@ -204,6 +207,33 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             table[name][part] = {"mean": statistics.mean(ems) if ems else None, "min": min(ems, default=None),
                                  "max": max(ems, default=None), "n": n, "ci95": wilson(hits, n)}
     return table
+
+
+def plot_facts(table: dict[str, dict[str, Any]], path: Path, n_seeds: int) -> None:
+    """Test EM on all test facts and on unseen answers per system: mean bars, min-max whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write
+
+    names = list(table)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for j, (part, label) in enumerate((("all", "all test facts"), ("unseen", "answers never trained on"))):
+        cells = [table[n][part] for n in names]
+        means = [c["mean"] or 0.0 for c in cells]
+        err = [[m - (c["min"] if c["min"] is not None else m) for m, c in zip(means, cells)],
+               [(c["max"] if c["max"] is not None else m) - m for m, c in zip(means, cells)]]
+        ax.bar([i + (j - 0.5) * 0.4 for i in range(len(names))], means, 0.4, yerr=err, capsize=3, label=label)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel(f"exact match (mean, min-max over {n_seeds} seed(s))")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def _cell(c: dict[str, Any]) -> str:
@@ -230,4 +260,5 @@ def facts_report(summary: dict[str, Any]) -> str:
               "|---|" + "---|" * len(relations)]
     for name, t in table.items():
         lines.append(f"| {name} | " + " | ".join(_cell(t[r]) if r in t else "n/a" for r in relations) + " |")
+    lines += ["", "![accuracy](accuracy.png)"]
     return "\n".join(lines) + "\n"
