@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masks import cross_attention_mask
+from .masks import cross_attention_mask, prompt_limits
 
 
 class CrossAttention(nn.Module):
@@ -158,18 +158,35 @@ class Bridge(nn.Module):
         p = self.pre_proj(source_states.to(self.dtype))
         return p, [layer.cross_attn.source_kv(p) for layer in self.layers]
 
-    def stream(self, p: Tensor, kvs: list[tuple[Tensor, Tensor]], mask: Tensor | None) -> Tensor:
-        """Run the stream for queries at the positions of `p` against cached keys/values `kvs`."""
-        s = self.intermediate(p)
+    def stream(self, p: Tensor | None, kvs: list[tuple[Tensor, Tensor]], mask: Tensor | None,
+               answer_embeds: Tensor | None = None, answer: Tensor | None = None) -> Tensor:
+        """Run the stream for queries at the positions of `p` against cached keys/values `kvs`.
+
+        Prompt conditioning: positions inside an answer (`answer` True) start from `answer_embeds`
+        (the module's own token embeddings) instead of the source's states and take no proj(P)
+        residual; `p` is None when every query is an answer token (decoding: no source step).
+        """
+        if p is None:
+            s = answer_embeds
+        else:
+            s = self.intermediate(p)
+            if answer is not None:
+                s = torch.where(answer[..., None], answer_embeds.to(s.dtype), s)
         for layer, kv in zip(self.layers, kvs):
             s = s + layer(s, kv, mask)
-        return s + self.proj(p)
+        if p is None:
+            return s
+        residual = self.proj(p)
+        return s + (residual if answer is None else residual.masked_fill(answer[..., None], 0.0))
 
-    def forward(self, source_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """`attention_mask` [B, T]: 0 = padding, else 1 (or segment ids for packed rows)."""
+    def forward(self, source_states: Tensor, attention_mask: Tensor | None = None, answer_mask: Tensor | None = None,
+                answer_embeds: Tensor | None = None) -> Tensor:
+        """`attention_mask` [B, T]: 0 = padding, else 1 (or segment ids for packed rows). With `answer_mask`
+        (prompt conditioning), answer positions read the source only up to the prompt before their answer."""
         B, T, _ = source_states.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=source_states.device)
-        mask = cross_attention_mask(attention_mask, T, causal=self.causal)
+        limit = prompt_limits(answer_mask) if answer_mask is not None else None
+        mask = cross_attention_mask(attention_mask, T, causal=self.causal, key_limit=limit)
         p, kvs = self.project_source(source_states)
-        return self.stream(p, kvs, mask)
+        return self.stream(p, kvs, mask, answer_embeds, answer_mask > 0 if answer_mask is not None else None)

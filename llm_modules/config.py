@@ -94,6 +94,13 @@ class ModuleConfig:
     next-token log-probabilities, gated per position, are added to the module's logits, and the new
     head starts at zero so the module starts as the source (llm_modules.knowledge). Reads the source's
     final states: needs source_layer -1."""
+    conditioning: str = "token"
+    """`token`: the paper's design, the source reads every token (answers included) and runs once per
+    generated token. `prompt` (fast mode): answer tokens never reach the source; inside an answer the
+    trunk reads its own token embedding and the bridge reads the source's states of the prompt before
+    that answer only, so generation costs no source step (llm_modules.masks.prompt_limits)."""
+    tie_answer_embeddings: bool = True
+    """Prompt conditioning: the answer tokens' input embedding is the new head's weight (else its own table)."""
     vocab_size: int | None = None
     """Size of the new LM head: len(large tokenizer). Filled in when the module is built."""
     fingerprint: dict[str, Any] | None = None
@@ -122,6 +129,9 @@ class ModuleConfig:
         _check("source_dtype", self.source_dtype, DTYPES)
         _check("attention", self.attention, ATTENTION)
         _check("knowledge_path", self.knowledge_path, ("none", "logits"))
+        _check("conditioning", self.conditioning, ("token", "prompt"))
+        if self.conditioning == "prompt" and self.attention != "causal":
+            raise ValueError("conditioning 'prompt' needs attention 'causal'")
         if self.knowledge_path != "none" and self.source_layer != -1:
             raise ValueError("knowledge_path 'logits' reads the source's final states: set source_layer to -1")
         for name in ("num_layers", "num_heads", "adapter_dim"):
@@ -167,7 +177,8 @@ class ModuleConfig:
 
 # Keys a recipe may set on the module (the rest are filled in by building and saving it).
 MODULE_KEYS = ("large_model", "small_model", "init_small", "source_layer", "num_layers", "num_heads", "adapter_dim",
-               "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype", "knowledge_path")
+               "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype", "knowledge_path", "conditioning",
+               "tie_answer_embeddings")
 PROMPT_KEYS = ("format", "system_prompt", "loss_on")
 
 

@@ -47,6 +47,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     where: str = ""
+    answer: list[int] | None = None  # 1 for tokens inside an assistant answer (its EOS included), else 0
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -224,13 +225,15 @@ class Formatter:
             segs = chat_segments(conv, self.tokenizer, self.system_prompt)
         ids: list[int] = []
         labels: list[int] = []
+        answer: list[int] = []
         for text, is_answer in segs:
             piece = self.tokenizer(text, add_special_tokens=False).input_ids
             if is_answer and self.format in ("paper", "plain"):
                 piece = piece + [self.tokenizer.eos_token_id]  # the model must learn to stop
             ids += piece
             labels += piece if (is_answer or self.loss_on == "all") else [IGNORE] * len(piece)
-        return Example(ids, labels, conv.where)
+            answer += [int(is_answer)] * len(piece)
+        return Example(ids, labels, conv.where, answer)
 
 
 # -- dataset assembly -------------------------------------------------------------------------
@@ -328,12 +331,15 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int = 
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
+    answer = torch.zeros((len(examples), T), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if e.answer:
+            answer[i, :n] = torch.tensor(e.answer)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "answer_mask": answer}
 
 
 # -- prompts at inference ---------------------------------------------------------------------
@@ -387,7 +393,8 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, 
 
     The first token of each example is never a target (it would be predicted from the previous example).
     """
-    flat = [Example(sum((e.input_ids for e in r), []), sum(([IGNORE] + e.labels[1:] for e in r), [])) for r in rows]
+    flat = [Example(sum((e.input_ids for e in r), []), sum(([IGNORE] + e.labels[1:] for e in r), []), "",
+                    sum((e.answer or [0] * len(e.input_ids) for e in r), [])) for r in rows]
     batch = collate(flat, pad_id)
     for i, r in enumerate(rows):
         pos = 0

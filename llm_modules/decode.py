@@ -15,9 +15,15 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def full_forward_logits(module: Any, ids: Tensor, mask: Tensor) -> Tensor:
-    """Last-position logits from a full forward over everything so far (the reference's way: no caches)."""
-    return module(ids, mask).logits[:, -1].float()
+def full_forward_logits(module: Any, ids: Tensor, mask: Tensor, prompt_len: int | None = None) -> Tensor:
+    """Last-position logits from a full forward over everything so far (the reference's way: no caches).
+
+    Tokens after `prompt_len` are the answer being generated (what prompt conditioning keeps from the source).
+    """
+    answer = None
+    if prompt_len is not None:
+        answer = (torch.arange(ids.shape[1], device=ids.device) >= prompt_len).long().expand_as(ids)
+    return module(ids, mask, answer_mask=answer).logits[:, -1].float()
 
 
 def process_logits(
@@ -126,7 +132,7 @@ def decode(
         if use_cache:
             logits, state = module.step(input_ids, None, attention_mask)
         else:
-            logits = full_forward_logits(module, ids, mask)
+            logits = full_forward_logits(module, ids, mask, input_ids.shape[1])
         for _ in range(max_new_tokens):
             scores = process_logits(logits, seen, temperature=temperature if do_sample else 1.0,
                                     top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
@@ -153,7 +159,7 @@ def decode(
             else:
                 ids = torch.cat([ids, nxt[:, None]], 1)
                 mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
-                logits = full_forward_logits(module, ids, mask)
+                logits = full_forward_logits(module, ids, mask, input_ids.shape[1])
     finally:
         module.train(was_training)
 

@@ -61,18 +61,32 @@ def decoder_inputs(attention_mask: Tensor, dtype: torch.dtype, reference: bool =
     return mask, reference_position_ids(mask) if reference else position_ids_from_mask(mask)
 
 
+def prompt_limits(answer_mask: Tensor) -> Tensor:
+    """[B, T]: the last source position each query may read under prompt conditioning.
+
+    A prompt position t reads up to t; a position inside an answer reads up to the last prompt token
+    before that answer (the answer's own tokens never reach the source). Earlier turns' answers,
+    as text before a later prompt, are read by that later prompt's positions.
+    """
+    T = answer_mask.shape[-1]
+    idx = torch.arange(T, device=answer_mask.device).expand_as(answer_mask)
+    return torch.where(answer_mask > 0, torch.full_like(idx, -1), idx).cummax(-1).values
+
+
 def cross_attention_mask(
     key_mask: Tensor,
     query_len: int,
     *,
     causal: bool = True,
     past_len: int = 0,
+    key_limit: Tensor | None = None,
 ) -> Tensor:
     """Boolean mask [B, 1, Tq, Tk] (True = may attend) for the bridge's cross-attention.
 
     `key_mask` is [B, Tk] in the segment-id convention above. Query i sits at absolute position
     past_len + i. With `causal`, it reads keys at positions <= its own; it never reads padding or
-    another segment. A query with nothing to read (a padding position) reads its own key so softmax
+    another segment. `key_limit` [B, Tq] (prompt conditioning, see `prompt_limits`) caps the last key
+    each query reads. A query with nothing to read (a padding position) reads its own key so softmax
     stays finite; its output is never used.
     """
     B, Tk = key_mask.shape
@@ -84,6 +98,8 @@ def cross_attention_mask(
         allowed = allowed & (k_pos[None, None, :] <= q_pos[None, :, None])
     if query_len == Tk and past_len == 0 and is_packed(key_mask):
         allowed = allowed & (key_mask[:, :, None] == key_mask[:, None, :])
+    if key_limit is not None:
+        allowed = allowed & (k_pos[None, None, :] <= key_limit[:, :, None])
     own = k_pos[None, None, :] == q_pos[None, :, None]
     empty = ~allowed.any(-1, keepdim=True)
     allowed = allowed | (empty & own)

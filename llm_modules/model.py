@@ -91,6 +91,7 @@ class DecodeState:
     source_cache: Any = None  # the knowledge source's KV cache
     trunk_cache: Any = None  # the small trunk's KV cache
     bridge_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, [B, H, T, Dh]
+    source_mask: Tensor | None = None  # [B, Ts] over what the source has read (prompt conditioning: the prompt)
 
     @property
     def length(self) -> int:
@@ -134,6 +135,9 @@ class LLMModule(nn.Module):
             gate_init=config.gate_init,
             causal=config.causal,
         )
+        self.answer_embed = None
+        if config.conditioning == "prompt" and not config.tie_answer_embeddings:
+            self.answer_embed = nn.Embedding(config.vocab_size, self.generation.hidden_size)
         self.knowledge = None
         if config.knowledge_path == "logits":
             self.knowledge = KnowledgePath(self.generation.hidden_size)
@@ -216,13 +220,26 @@ class LLMModule(nn.Module):
                              "source loaded with keep_head=True (feature caches hold states only)")
         return self.source.next_token_logits(source_states)
 
-    def output_logits(self, hidden: Tensor, source_logits: Tensor | None = None) -> Tensor:
-        """The module's next-token logits: the new head, plus the knowledge path when there is one."""
+    def output_logits(self, hidden: Tensor, source_logits: Tensor | None = None, answer: Tensor | None = None) -> Tensor:
+        """The module's next-token logits: the new head, plus the knowledge path when there is one
+        (not at answer positions under prompt conditioning, where the source has not run)."""
         logits = self.generation.lm_head(hidden)
-        if self.knowledge is not None:
-            assert source_logits is not None
-            logits = logits.float() + self.knowledge(hidden, source_logits, logits.shape[-1])
+        if self.knowledge is not None and source_logits is not None:
+            extra = self.knowledge(hidden, source_logits, logits.shape[-1])
+            logits = logits.float() + (extra if answer is None else extra.masked_fill(answer[..., None], 0.0))
         return logits
+
+    def answer_embeddings(self, ids: Tensor) -> Tensor:
+        """Prompt conditioning: the input embedding of answer tokens (the head's weight, unless untied)."""
+        if self.answer_embed is not None:
+            return self.answer_embed(ids)
+        return F.embedding(ids, self.generation.lm_head.weight)
+
+    def _prompt_answers(self, answer_mask: Tensor | None) -> Tensor | None:
+        """The answer positions that prompt conditioning treats apart (None in token conditioning)."""
+        if self.config.conditioning != "prompt" or answer_mask is None:
+            return None
+        return answer_mask > 0
 
     def forward(
         self,
@@ -235,6 +252,7 @@ class LLMModule(nn.Module):
         loss_chunk_size: int | None = None,
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
+        answer_mask: Tensor | None = None,
     ) -> ModuleOutput:
         """Logits [B, T, V] and, given labels, the mean shifted cross-entropy (ignore_index -100).
 
@@ -245,6 +263,7 @@ class LLMModule(nn.Module):
         [B, T, V] logits; with return_logits=False the heads (the new one, and the source's on the
         knowledge path) run only at positions with a target. Distillation needs every position.
         `distill_weight` adds that times KL(source || module) over every real position.
+        `answer_mask` [B, T] (1 inside assistant answers) is read under prompt conditioning only.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -258,18 +277,22 @@ class LLMModule(nn.Module):
         self.check_length(input_ids.shape[1])
         if source_states is None:
             source_states = self._source_states(input_ids, attention_mask)
-        embeds = self.bridge(source_states, attention_mask)
+        answer = self._prompt_answers(answer_mask)
+        if answer is None:
+            embeds = self.bridge(source_states, attention_mask)
+        else:
+            embeds = self.bridge(source_states, attention_mask, answer_mask, self.answer_embeddings(input_ids))
         trunk_mask, positions = decoder_inputs(attention_mask, embeds.dtype, reference=reference)
         hidden, _ = self.generation(embeds, trunk_mask, positions)
         if labels is not None and not return_logits and not distill_weight:
             # Training: logits only where there is a target (answers only, with assistant-only labels).
             out = ModuleOutput()
-            out.loss, out.num_tokens = self._target_loss(hidden, source_states, labels, loss_chunk_size)
+            out.loss, out.num_tokens = self._target_loss(hidden, source_states, labels, loss_chunk_size, answer)
             return out
         src_logits = None
         if self.knowledge is not None or distill_weight:
             src_logits = self._source_logits(source_states)
-        out = ModuleOutput(logits=self.output_logits(hidden, src_logits))
+        out = ModuleOutput(logits=self.output_logits(hidden, src_logits, answer))
         if labels is not None:
             out.loss, out.num_tokens = shifted_loss(labels, logits=out.logits)
             if distill_weight:
@@ -281,13 +304,14 @@ class LLMModule(nn.Module):
             out.logits = None
         return out
 
-    def _target_loss(self, hidden: Tensor, source_states: Tensor, labels: Tensor,
-                     chunk_size: int | None) -> tuple[Tensor, int]:
+    def _target_loss(self, hidden: Tensor, source_states: Tensor, labels: Tensor, chunk_size: int | None,
+                     answer: Tensor | None = None) -> tuple[Tensor, int]:
         """(mean shifted cross-entropy, targets), computing logits at target positions only."""
         if self.knowledge is None:
             return shifted_loss(labels, hidden=hidden, head_weight=self.generation.lm_head.weight, chunk_size=chunk_size)
         keep = labels[:, 1:] != -100
-        logits = self.output_logits(hidden[:, :-1][keep], self._source_logits(source_states[:, :-1][keep]))
+        logits = self.output_logits(hidden[:, :-1][keep], self._source_logits(source_states[:, :-1][keep]),
+                                    None if answer is None else answer[:, :-1][keep])
         n = int(keep.sum())
         return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="sum") / max(n, 1), n
 
@@ -307,6 +331,8 @@ class LLMModule(nn.Module):
         """
         if not self.supports_cache:
             raise ValueError("attention 'reference' is not causal: decode it by full recomputation")
+        if state is not None and self.config.conditioning == "prompt":
+            return self._answer_step(new_ids, state)
         B, n = new_ids.shape
         ones = torch.ones(B, n, dtype=torch.long, device=new_ids.device)
         if state is None:
@@ -324,7 +350,20 @@ class LLMModule(nn.Module):
         embeds = self.bridge.stream(p, kvs, cross_attention_mask(mask, n, causal=True, past_len=past))
         hidden, state.trunk_cache = self.generation(embeds, mask, positions, cache=state.trunk_cache, use_cache=True)
         src_logits = self._source_logits(h[:, -1]) if self.knowledge is not None else None
+        state.source_mask = mask
         return self.output_logits(hidden[:, -1], src_logits).float(), state
+
+    def _answer_step(self, new_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        """Prompt conditioning, inside the answer: no source step. The new tokens' own embeddings query the
+        cached keys/values of the prompt's source states, then one trunk step and the head."""
+        ones = torch.ones_like(new_ids)
+        state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+        positions = position_ids_from_mask(state.attention_mask)[:, -new_ids.shape[1]:]
+        xmask = cross_attention_mask(state.source_mask, new_ids.shape[1], causal=False)
+        embeds = self.bridge.stream(None, state.bridge_kv, xmask, self.answer_embeddings(new_ids))
+        hidden, state.trunk_cache = self.generation(embeds, state.attention_mask, positions, cache=state.trunk_cache,
+                                                    use_cache=True)
+        return self.output_logits(hidden[:, -1]).float(), state
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Cached incremental decoding; see llm_modules.decode.generate for the arguments."""

@@ -36,7 +36,7 @@ class Trainee(Protocol):
     """What the Trainer needs of a model (LLMModule has all of it)."""
 
     def __call__(self, input_ids: Any, attention_mask: Any, *, labels: Any, source_states: Any = None,
-                 return_logits: bool = False, loss_chunk_size: int | None = None) -> Any: ...
+                 return_logits: bool = False, loss_chunk_size: int | None = None, answer_mask: Any = None) -> Any: ...
     def param_groups(self) -> dict[str, list[torch.nn.Parameter]]: ...
     def save_pretrained(self, path: Any, write_extra: Callable[[Path], None] | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None: ...
@@ -226,7 +226,7 @@ class Trainer:
                 with acc.autocast():
                     out = self.model(c["input_ids"], c["attention_mask"], labels=c["labels"], source_states=src,
                                      return_logits=False, loss_chunk_size=cfg.loss_chunk_size or None,
-                                     **self.loss_options)
+                                     answer_mask=c["answer_mask"], **self.loss_options)
                 # Token-weighted mean over the global window; DDP averages over ranks, so scale by world.
                 loss = out.loss * (w * out.num_tokens / max(n_tok, 1.0))
                 acc.backward(loss * self.world)

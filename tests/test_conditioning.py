@@ -1,0 +1,92 @@
+"""Prompt conditioning (fast mode): answer tokens never reach the source; decoding runs no source step."""
+
+import itertools
+
+import pytest
+import torch
+
+from llm_modules.masks import prompt_limits
+from llm_modules.model import LLMModule
+
+from conftest import LARGE, SMALL
+
+
+def _case(m, T=12, prompt=5, rows=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, m.config.vocab_size, (rows, T), generator=g)
+    answer = (torch.arange(T) >= prompt).long().expand(rows, T).clone()
+    return ids, answer
+
+
+def test_prompt_limits():
+    a = torch.tensor([[0, 0, 1, 1, 0, 1, 1]])  # prompt, answer, a second prompt, its answer
+    assert prompt_limits(a).tolist() == [[0, 1, 1, 1, 4, 4, 4]]
+
+
+def test_answer_logits_depend_on_the_prompt_only_through_the_source(build):
+    m = build(conditioning="prompt", seed=1).eval()
+    ids, answer = _case(m)
+    with torch.no_grad():
+        states, _ = m.source(ids)
+        base = m(ids, answer_mask=answer, source_states=states).logits
+        later = ids.clone()
+        later[:, 9] = (ids[:, 9] + 3) % m.config.vocab_size  # a later answer token
+        other = states.clone()
+        other[:, 5:] += torch.randn_like(other[:, 5:])  # the source's states at answer positions
+        prompt = states.clone()
+        prompt[:, 2] += torch.randn_like(prompt[:, 2])  # the source's state of one prompt token
+        a = m(later, answer_mask=answer, source_states=states).logits
+        b = m(ids, answer_mask=answer, source_states=other).logits
+        c = m(ids, answer_mask=answer, source_states=prompt).logits
+    assert (a[:, :9] - base[:, :9]).abs().max() <= 1e-6  # positions before the change
+    assert (b - base).abs().max() <= 1e-6  # answer-position states are never read
+    assert (c[:, 5:] - base[:, 5:]).abs().max() > 1e-4  # answers read the prompt's states
+    token = build(seed=1).eval()
+    with torch.no_grad():
+        assert (token(ids, source_states=other).logits[:, 5:] - token(ids, source_states=states).logits[:, 5:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("large,small,extra", [
+    ("large_qwen2", "small_gpt_neo", {}), ("large_llama", "small_gpt2", {"tie_answer_embeddings": False}),
+    ("large_qwen2", "small_qwen2", {"knowledge_path": "logits"}),
+])
+def test_cached_decoding_equals_full_recomputation_without_source_steps(build, large, small, extra):
+    from llm_modules.decode import decode
+
+    m = build(large, small, conditioning="prompt", seed=2, **extra).eval()
+    with torch.no_grad():
+        m.generation.lm_head.weight.normal_(0, 0.3)  # a head that is not all zeros (knowledge path)
+    tok = m.tokenizer
+    tok.padding_side = "left"
+    enc = tok(["The city of the river was founded in", "Sum 5 and 5"], return_tensors="pt", padding=True)
+    calls = []
+    real = m.source.forward
+    m.source.forward = lambda *a, **k: (calls.append(a[0].shape[1]), real(*a, **k))[1]
+    def run(cache):
+        return [(t, lg) for t, lg, _ in decode(m, enc.input_ids, enc.attention_mask, max_new_tokens=64,
+                                               eos_token_id=[], use_cache=cache)]
+
+    runs = [run(True)]
+    assert calls == [enc.input_ids.shape[1]]  # one source pass over the prompt, then none for 64 tokens
+    runs.append(run(False))
+    assert torch.equal(torch.stack([t for t, _ in runs[0]]), torch.stack([t for t, _ in runs[1]]))
+    assert max((x - y).abs().max().item() for (_, x), (_, y) in zip(*runs)) <= 1e-4
+    assert len(runs[0]) == 64
+
+
+def test_trains_saves_and_reloads(tiny_train_config, tmp_path):
+    from llm_modules.training import train
+
+    r = train(tiny_train_config(conditioning="prompt", tie_answer_embeddings=False, epochs=3,
+                                output_dir=str(tmp_path / "p")), log=lambda s: None)
+    assert r.best_val_loss < 0.7 * r.first_val_loss
+    m = LLMModule.from_pretrained(tmp_path / "p" / "best")
+    assert m.config.conditioning == "prompt" and m.answer_embed is not None
+    assert "answer_embed.weight" in m.trainable_state_dict()
+
+
+def test_prompt_conditioning_needs_a_causal_bridge():
+    from llm_modules.config import ModuleConfig
+
+    with pytest.raises(ValueError, match="conditioning 'prompt' needs attention 'causal'"):
+        ModuleConfig(conditioning="prompt", attention="reference")
