@@ -36,6 +36,11 @@ def parameter_counts(module: LLMModule) -> dict[str, int]:
         counts["knowledge path gate"] = _count(module.knowledge)
     counts["trained"] = counts["bridge"] + counts["small trunk"] + counts["head"] + counts.get("knowledge path gate", 0)
     counts["inference"] = counts["trained"] + counts.get("source (frozen)", 0)
+    # Run for each generated token: token conditioning (the paper's) steps the source too; prompt
+    # conditioning runs only the bridge's cross-attention layers, the trunk and the head.
+    counts["per-token (token)"] = counts["inference"]
+    counts["per-token (prompt)"] = (sum(counts[f"bridge.layers.{i}"] for i in range(len(b.layers)))
+                                    + counts["small trunk"] + counts["head"])
     return counts
 
 

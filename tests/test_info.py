@@ -40,3 +40,7 @@ def test_paper_size_counts_match_closed_form():
     assert c["head"] == 768 * 151646 == 116_464_128
     assert c["trained"] == c["bridge"] + c["small trunk"] + c["head"]
     assert c["inference"] == c["trained"] + c["source (frozen)"]
+    # Per generated token: the paper's design runs everything (1,763M); prompt conditioning no source and no
+    # pre_proj / proj / intermediate (those read the source's states of new tokens).
+    assert c["per-token (token)"] == c["inference"] == 1_763_226_496
+    assert c["per-token (prompt)"] == 2 * layer + c["small trunk"] + c["head"] == 213_310_976  # 0.12x
