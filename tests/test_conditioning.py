@@ -1,6 +1,5 @@
 """Prompt conditioning (fast mode): answer tokens never reach the source; decoding runs no source step."""
 
-import itertools
 
 import pytest
 import torch
@@ -8,7 +7,6 @@ import torch
 from llm_modules.masks import prompt_limits
 from llm_modules.model import LLMModule
 
-from conftest import LARGE, SMALL
 
 
 def _case(m, T=12, prompt=5, rows=2, seed=0):
