@@ -107,14 +107,14 @@ def _system(args: argparse.Namespace, model) -> str | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from .data import encode_prompt
     from .inference.chat import TextStreamer, answer
-    from .data import build_prompt
 
     module = _load_module(args)
     fmt = _format(args, module)
     kw = _gen_kwargs(args, module, fmt)
     streamer = TextStreamer(module.tokenizer, sys.stdout, kw["stop_strings"])
-    answer(module, build_prompt(module.tokenizer, fmt, args.prompt, system=_system(args, module)), kw, streamer.put,
+    answer(module, encode_prompt(module.tokenizer, fmt, args.prompt, system=_system(args, module)), kw, streamer.put,
            args.truncate)
     sys.stdout.write("\n")
 

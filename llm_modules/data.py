@@ -174,8 +174,11 @@ def paper_prompt(system: str | None, history: Sequence[tuple[str, str]], questio
     return "".join(t for t, _ in paper_segments(conv, default_system))
 
 
-def chat_segments(conv: Conversation, tokenizer: Any, default_system: str | None = None) -> list[tuple[str, bool]]:
-    """Pieces of the tokenizer's chat template; each assistant turn including its closing tokens is an answer."""
+def chat_segments(conv: Conversation, tokenizer: Any, default_system: str | None = None,
+                  generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """Pieces of the tokenizer's chat template; each assistant turn including its closing tokens is an answer.
+
+    `generation_prompt` ends the text with the template's opening of a new assistant turn (a prompt)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("format 'chat_template' needs a tokenizer with a chat template")
     msgs = []
@@ -183,7 +186,7 @@ def chat_segments(conv: Conversation, tokenizer: Any, default_system: str | None
     if system:
         msgs.append({"role": "system", "content": system})
     msgs += [{"role": r, "content": t} for r, t in conv.turns]
-    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
     segs, pos = [], 0
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
@@ -216,13 +219,18 @@ class Formatter:
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the large tokenizer has no eos token")
 
-    def encode(self, conv: Conversation) -> Example:
+    def segments(self, conv: Conversation, generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        """(text, is_answer) pieces; `generation_prompt` for a conversation ending in the user turn to answer."""
         if self.format == "paper":
-            segs = paper_segments(conv, self.system_prompt)
-        elif self.format == "plain":
-            segs = [(text, role == "assistant") for role, text in conv.turns]
-        else:
-            segs = chat_segments(conv, self.tokenizer, self.system_prompt)
+            return paper_segments(conv, self.system_prompt)  # its user turn already ends in "Assistant:"
+        if self.format == "plain":
+            return [(text, role == "assistant") for role, text in conv.turns]
+        return chat_segments(conv, self.tokenizer, self.system_prompt, generation_prompt)
+
+    def encode(self, conv: Conversation, generation_prompt: bool = False) -> Example:
+        """Token ids, labels and answer mask, each segment tokenized on its own (as at inference, see
+        `encode_prompt`), so a prompt's tokens are exactly those the module was trained on."""
+        segs = self.segments(conv, generation_prompt)
         ids: list[int] = []
         labels: list[int] = []
         answer: list[int] = []
@@ -360,6 +368,22 @@ def build_prompt(tokenizer: Any, fmt: str, question: str, history: Sequence[tupl
         msgs += [{"role": r, "content": t} for r, t in history] + [{"role": "user", "content": question}]
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     raise ValueError(f"prompt format must be raw, paper or chat_template, got {fmt!r}")
+
+
+def encode_prompt(tokenizer: Any, fmt: str, question: str, history: Sequence[tuple[str, str]] = (),
+                  system: str | None = None) -> Example:
+    """The prompt for `question` after `history` as token ids with its answer mask (1 on history answers).
+
+    Laid out and tokenized exactly as training encodes a conversation, so earlier answers are marked as
+    answers (what prompt conditioning needs to read them as it was trained) and carry their EOS. `system`
+    None means the format's default (the paper's system prompt); `raw` is the question as is.
+    """
+    if fmt == "raw":
+        ids = tokenizer(question, add_special_tokens=False).input_ids
+        return Example(ids, [IGNORE] * len(ids), "", [0] * len(ids))
+    formatter = Formatter(tokenizer, fmt, "assistant", system if system is not None else DEFAULT_SYSTEM_PROMPT)
+    ex = formatter.encode(Conversation(system, [*history, ("user", question)]), generation_prompt=True)
+    return Example(ex.input_ids, [IGNORE] * len(ex.input_ids), "", ex.answer)
 
 
 def default_stop_strings(tokenizer: Any, fmt: str) -> list[str]:

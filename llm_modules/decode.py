@@ -15,14 +15,18 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def full_forward_logits(module: Any, ids: Tensor, mask: Tensor, prompt_len: int | None = None) -> Tensor:
+def full_forward_logits(module: Any, ids: Tensor, mask: Tensor, prompt_len: int | None = None,
+                        prompt_answers: Tensor | None = None) -> Tensor:
     """Last-position logits from a full forward over everything so far (the reference's way: no caches).
 
-    Tokens after `prompt_len` are the answer being generated (what prompt conditioning keeps from the source).
+    Tokens after `prompt_len` are the answer being generated (what prompt conditioning keeps from the source);
+    `prompt_answers` [B, prompt_len] marks earlier turns' answers inside the prompt.
     """
     answer = None
     if prompt_len is not None:
-        answer = (torch.arange(ids.shape[1], device=ids.device) >= prompt_len).long().expand_as(ids)
+        answer = (torch.arange(ids.shape[1], device=ids.device) >= prompt_len).long().expand_as(ids).clone()
+        if prompt_answers is not None:
+            answer[:, :prompt_len] = prompt_answers
     return module(ids, mask, answer_mask=answer).logits[:, -1].float()
 
 
@@ -65,7 +69,8 @@ def cut_text(text: str, stop_strings: Sequence[str] = (), eos: str | None = None
 
 def prepare_prompt(module: Any, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
                    truncate: str | None = None) -> tuple[Tensor, Tensor]:
-    """Check the prompt fits the context; with truncate='left' cut it from the left, with a warning."""
+    """Check the prompt fits the context; with truncate='left' cut it from the left, with a warning
+    (callers holding an answer mask cut it to the returned length)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     limit = module.generation.position_limit
@@ -102,10 +107,13 @@ def decode(
     seed: int | None = None,
     use_cache: bool = True,
     truncate: str | None = None,
+    answer_mask: Tensor | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield (next_tokens [B], raw logits [B, V], finished [B]) once per new token.
 
     Finished rows keep receiving `pad_token_id`. Stops when every row has finished.
+    `answer_mask` [B, T] marks earlier turns' answers inside the prompt (see `data.encode_prompt`):
+    prompt conditioning reads them as it was trained to.
     """
     tok = module.tokenizer
     if eos_token_id is None and tok is not None:
@@ -116,6 +124,8 @@ def decode(
         pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     use_cache = use_cache and module.supports_cache
     input_ids, attention_mask = prepare_prompt(module, input_ids, attention_mask, max_new_tokens, truncate)
+    if answer_mask is not None:
+        answer_mask = answer_mask[:, -input_ids.shape[1]:]
     gen = None
     if do_sample:
         gen = torch.Generator(device=input_ids.device)
@@ -130,9 +140,9 @@ def decode(
         ids, mask = input_ids, attention_mask.long()
         state = None
         if use_cache:
-            logits, state = module.step(input_ids, None, attention_mask)
+            logits, state = module.step(input_ids, None, attention_mask, answer_mask=answer_mask)
         else:
-            logits = full_forward_logits(module, ids, mask, input_ids.shape[1])
+            logits = full_forward_logits(module, ids, mask, input_ids.shape[1], answer_mask)
         for _ in range(max_new_tokens):
             scores = process_logits(logits, seen, temperature=temperature if do_sample else 1.0,
                                     top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
@@ -159,7 +169,7 @@ def decode(
             else:
                 ids = torch.cat([ids, nxt[:, None]], 1)
                 mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
-                logits = full_forward_logits(module, ids, mask, input_ids.shape[1])
+                logits = full_forward_logits(module, ids, mask, input_ids.shape[1], answer_mask)
     finally:
         module.train(was_training)
 

@@ -18,7 +18,7 @@ from .config import ModuleConfig, position_limit
 from .knowledge import KnowledgePath, distill_loss
 from .io import atomic_dir, read_safetensors
 from .loss import shifted_loss
-from .masks import cross_attention_mask, decoder_inputs, position_ids_from_mask
+from .masks import cross_attention_mask, decoder_inputs, position_ids_from_mask, prompt_limits
 from .source import KnowledgeSource, fingerprints_match, load_model_config, load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -322,12 +322,13 @@ class LLMModule(nn.Module):
 
     @torch.no_grad()
     def step(self, new_ids: Tensor, state: DecodeState | None = None,
-             attention_mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
+             attention_mask: Tensor | None = None, answer_mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
         """Feed `new_ids` [B, n] (the whole prompt first, then a token at a time); return the last logits [B, V].
 
         Costs one step of each cache: the source's KV cache, the bridge's cross-attention
         keys/values over source positions (appended, never recomputed) and the trunk's KV cache.
-        Matches `forward` on the whole text so far.
+        Matches `forward` on the whole text so far. `answer_mask` [B, n] marks earlier turns' answers
+        in the prompt (prompt conditioning only; the prompt's last token must not be inside an answer).
         """
         if not self.supports_cache:
             raise ValueError("attention 'reference' is not causal: decode it by full recomputation")
@@ -347,7 +348,12 @@ class LLMModule(nn.Module):
         if state.bridge_kv:
             kvs = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(state.bridge_kv, kvs)]
         state.bridge_kv = kvs
-        embeds = self.bridge.stream(p, kvs, cross_attention_mask(mask, n, causal=True, past_len=past))
+        answer = self._prompt_answers(answer_mask) if past == 0 else None
+        if answer is None:
+            embeds = self.bridge.stream(p, kvs, cross_attention_mask(mask, n, causal=True, past_len=past))
+        else:
+            xmask = cross_attention_mask(mask, n, causal=True, key_limit=prompt_limits(answer_mask))
+            embeds = self.bridge.stream(p, kvs, xmask, self.answer_embeddings(new_ids), answer)
         hidden, state.trunk_cache = self.generation(embeds, mask, positions, cache=state.trunk_cache, use_cache=True)
         src_logits = self._source_logits(h[:, -1]) if self.knowledge is not None else None
         state.source_mask = mask

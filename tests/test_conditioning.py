@@ -88,3 +88,28 @@ def test_prompt_conditioning_needs_a_causal_bridge():
 
     with pytest.raises(ValueError, match="conditioning 'prompt' needs attention 'causal'"):
         ModuleConfig(conditioning="prompt", attention="reference")
+
+
+def test_chat_prompt_reads_earlier_answers_as_trained(build):
+    """Decoding after a history (answer mask from `encode_prompt`) equals the training forward of the whole
+    conversation at the new answer, cached or not; marking the history as plain prompt would differ."""
+    from llm_modules.data import Conversation, Formatter, encode_prompt
+    from llm_modules.decode import decode
+
+    m = build(conditioning="prompt", seed=3).eval()
+    with torch.no_grad():
+        m.generation.lm_head.weight.normal_(0, 0.3)  # larger logits, so a wrong layout shows
+    turns = [("user", "sum of 5 and 5"), ("assistant", "it is ten, " * 6), ("user", "sum of 2 and 3"), ("assistant", "five")]
+    full = Formatter(m.tokenizer, "paper").encode(Conversation("Be brief.", turns))
+    p = encode_prompt(m.tokenizer, "paper", "sum of 2 and 3", turns[:2], "Be brief.")
+    n = len(p.input_ids)
+    ids, answer = torch.tensor([p.input_ids]), torch.tensor([p.answer])
+    with torch.no_grad():
+        want = m(torch.tensor([full.input_ids]), answer_mask=torch.tensor([full.answer])).logits[0, n - 1]
+
+    def first(cache, mask):
+        return next(decode(m, ids, answer_mask=mask, max_new_tokens=1, eos_token_id=[], use_cache=cache))[1][0]
+
+    assert (first(True, answer) - want).abs().max() <= 1e-4
+    assert (first(False, answer) - want).abs().max() <= 1e-4
+    assert (first(True, torch.zeros_like(answer)) - want).abs().max() > 2e-3  # 20x the tolerance above

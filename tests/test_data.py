@@ -4,7 +4,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from llm_modules.data import (
-    DEFAULT_SYSTEM_PROMPT, IGNORE, DataError, Formatter, collate, iter_rows, load_examples, parse_row, split_examples,
+    DEFAULT_SYSTEM_PROMPT, IGNORE, Conversation, DataError, Formatter, collate, encode_prompt, iter_rows, load_examples,
+    parse_row, split_examples,
 )
 
 ROW = {"system": "Be brief.", "conversations": [
@@ -122,3 +123,16 @@ def test_collate_pads_right_with_ignored_labels():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("fmt", ["paper", "chat_template", "plain"])
+def test_prompt_after_history_is_the_training_prefix(tok, fmt):
+    """A chat prompt is tokenized and marked exactly as training saw that conversation up to the new answer."""
+    turns = [("user", "sum of 5 and 5"), ("assistant", "10"), ("user", "sum of 2 and 3"), ("assistant", "5")]
+    full = Formatter(tok, fmt, system_prompt="Be brief.").encode(Conversation("Be brief.", turns))
+    p = encode_prompt(tok, fmt, "sum of 2 and 3", turns[:2], "Be brief.")
+    n = len(p.input_ids)
+    assert full.input_ids[:n] == p.input_ids and full.answer[:n] == p.answer
+    assert sum(p.answer) > 0 and p.answer[-1] == 0  # the earlier answer is marked, the prompt ends outside it
+    assert full.answer[n] == 1  # the next token starts the new answer
+    assert encode_prompt(tok, "raw", "sum of 2").answer == [0] * len(tok("sum of 2").input_ids)

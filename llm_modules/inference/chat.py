@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, TextIO
 
-from ..data import build_prompt, default_stop_strings
+import torch
+
+from ..data import Example, default_stop_strings, encode_prompt
 from ..decode import cut_text, decode, prepare_prompt
 
 
@@ -30,14 +32,17 @@ class TextStreamer:
         self.printed = len(t)
 
 
-def answer(module: Any, prompt: str, gen_kwargs: dict[str, Any], on_token: Callable[[int], None],
+def answer(module: Any, prompt: str | Example, gen_kwargs: dict[str, Any], on_token: Callable[[int], None],
            truncate: str | None = None) -> list[int]:
+    """Stream one answer to `prompt` (text, or ids with the answer mask of earlier turns from `encode_prompt`)."""
     tok = module.tokenizer
-    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    ids, mask = enc.input_ids.to(module.device), enc.attention_mask.to(module.device)
-    ids, mask = prepare_prompt(module, ids, mask, gen_kwargs.get("max_new_tokens", 256), truncate)
+    if isinstance(prompt, str):
+        prompt = encode_prompt(tok, "raw", prompt)
+    ids = torch.tensor([prompt.input_ids], device=module.device)
+    answers = torch.tensor([prompt.answer or [0] * ids.shape[1]], device=module.device)
+    ids, mask = prepare_prompt(module, ids, torch.ones_like(ids), gen_kwargs.get("max_new_tokens", 256), truncate)
     out: list[int] = []
-    for nxt, _, finished in decode(module, ids, mask, **gen_kwargs):
+    for nxt, _, finished in decode(module, ids, mask, answer_mask=answers[:, -ids.shape[1]:], **gen_kwargs):
         t = int(nxt[0])
         out.append(t)
         if t != tok.eos_token_id:
@@ -71,7 +76,7 @@ def chat_loop(module: Any, fmt: str, gen_kwargs: dict[str, Any], system: str | N
         streamer = TextStreamer(tok, out, stops)
         out.write("module> ")
         try:
-            answer(module, build_prompt(tok, fmt, q, history, system), gen_kwargs, streamer.put, truncate)
+            answer(module, encode_prompt(tok, fmt, q, history, system), gen_kwargs, streamer.put, truncate)
         except KeyboardInterrupt:
             out.write(" [stopped]")
         except ValueError as e:

@@ -8,8 +8,9 @@ import re
 from typing import Any, Sequence
 
 import torch
+from torch import Tensor
 
-from ..data import DataError, Formatter, build_prompt, ensure_pad_token, iter_rows, pad_id, parse_row
+from ..data import DataError, Example, Formatter, encode_prompt, ensure_pad_token, iter_rows, pad_id, parse_row
 from ..decode import cut_text
 from ..loss import evaluate_loss
 
@@ -49,20 +50,36 @@ def load_any(path: str) -> Any:
 
 
 @torch.no_grad()
-def answer_prompts(model: Any, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
+def left_padded(prompts: Sequence[Example], pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """input_ids, attention_mask and answer_mask [B, T] of encoded prompts, padded on the left."""
+    T = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    answer = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        n = len(p.input_ids)
+        ids[i, T - n:] = torch.tensor(p.input_ids)
+        mask[i, T - n:] = 1
+        if p.answer:
+            answer[i, T - n:] = torch.tensor(p.answer)
+    return ids, mask, answer
+
+
+def answer_prompts(model: Any, prompts: Sequence[str | Example], max_new_tokens: int = 256, batch_size: int = 8,
                    stop_strings: Sequence[str] = ("<|end_of_solution|>",)) -> list[str]:
-    """Greedy answers of an LLM Module or a plain causal LM to already formatted prompts."""
+    """Greedy answers of an LLM Module or a plain causal LM to already formatted prompts: text, or token ids
+    with the answer mask of earlier turns (`data.encode_prompt`)."""
     tok = ensure_pad_token(model.tokenizer)
     side = tok.padding_side
     tok.padding_side = "left"
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
-            ids, mask = enc.input_ids, enc.attention_mask
+            batch = [p if isinstance(p, Example) else encode_prompt(tok, "raw", p) for p in prompts[i : i + batch_size]]
+            ids, mask, answers = left_padded(batch, tok.pad_token_id)
             if hasattr(model, "bridge"):
                 gen = model.generate(ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
-                                     stop_strings=list(stop_strings))
+                                     stop_strings=list(stop_strings), answer_mask=answers.to(model.device))
             else:
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -96,7 +113,7 @@ def evaluate_dataset(module: Any, data: str, fmt: str | None = None, max_new_tok
         # parse_row guarantees every assistant turn follows a user turn.
         last = max(i for i, (r, _) in enumerate(c.turns) if r == "assistant")
         history, question = c.turns[: last - 1], c.turns[last - 1][1]
-        prompts.append(build_prompt(module.tokenizer, fmt, question, history, c.system))
+        prompts.append(encode_prompt(module.tokenizer, fmt, question, history, c.system))
         refs.append(c.turns[last][1])
     preds = answer_prompts(module, prompts, max_new_tokens, batch_size)
     return {"rows": len(convs), "loss": loss["loss"], "perplexity": loss["perplexity"],
