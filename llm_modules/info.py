@@ -44,6 +44,13 @@ def parameter_counts(module: LLMModule) -> dict[str, int]:
     return counts
 
 
+def per_token_parameters(model: torch.nn.Module) -> int:
+    """Parameters run for each generated token: an LLM Module's in its conditioning mode, else all of them."""
+    if isinstance(model, LLMModule):
+        return parameter_counts(model)[f"per-token ({model.config.conditioning})"]
+    return _count(model)
+
+
 def module_from_configs(
     large: PretrainedConfig, small: PretrainedConfig, vocab_size: int, **config_kwargs: Any
 ) -> LLMModule:

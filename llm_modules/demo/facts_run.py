@@ -15,6 +15,7 @@ import torch
 from transformers import GPTNeoConfig
 
 from ..data import Formatter, parse_row
+from ..info import per_token_parameters
 from ..io import atomic_write_text
 from ..model import LLMModule
 from ..source import load_causal_lm, load_tokenizer
@@ -30,7 +31,11 @@ SOURCE_CUE = "source alone, bare cue (100% by selection)"
 # Ablation: which of the two changes moves the knowledge.
 PAPER_KD, KNOWLEDGE_NO_KD = "LLM Module, paper design + distillation", "LLM Module + knowledge path, no distillation"
 ABLATION = (PAPER_KD, KNOWLEDGE_NO_KD)
-MODULES = {MODULE_PAPER: (False, 0.0), MODULE_KNOWLEDGE: (True, None), PAPER_KD: (False, None), KNOWLEDGE_NO_KD: (True, 0.0)}
+# Fast mode (prompt conditioning): the source reads the question only; the small part writes the answer.
+MODULE_FAST = "LLM Module + knowledge path, prompt conditioning"
+# name -> (knowledge path, distillation weight (None: the config's), conditioning)
+MODULES = {MODULE_PAPER: (False, 0.0, "token"), MODULE_KNOWLEDGE: (True, None, "token"),
+           MODULE_FAST: (True, None, "prompt"), PAPER_KD: (False, None, "token"), KNOWLEDGE_NO_KD: (True, 0.0, "token")}
 
 
 @dataclass
@@ -53,7 +58,7 @@ class FactsConfig:
     source_dtype: str = "float32"
     max_new_tokens: int = 8
     progress: bool = True
-    systems: tuple[str, ...] = (MODULE_PAPER, MODULE_KNOWLEDGE, SMALL, KD, KD_TRANSFER, SOURCE)
+    systems: tuple[str, ...] = (MODULE_PAPER, MODULE_KNOWLEDGE, MODULE_FAST, SMALL, KD, KD_TRANSFER, SOURCE)
 
 
 def _rows_file(path: Path, facts: Sequence[RealFact]) -> str:
@@ -76,15 +81,15 @@ def _small_config_dir(cfg: FactsConfig, out: Path) -> str:
 
 
 def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Path, seed: int, knowledge: bool,
-                 distill: float) -> LLMModule:
+                 distill: float, conditioning: str = "token") -> LLMModule:
     """One LLM Module on the split's training facts, best checkpoint on the validation entities."""
     recipe = dict(large_model=source, small_model=small, init_small="scratch", source_dtype=cfg.source_dtype,
                   num_heads=4, adapter_dim=64, dropout=0.0, format="plain", data=str(data / "train.jsonl"),
                   val_data=str(data / "val.jsonl"), seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
                   lr_bridge=cfg.lr, lr_small=cfg.lr, warmup_steps=10, output_dir=str(run), progress=cfg.progress,
                   tensorboard=False, patience=0, max_length=128, feature_cache=True, cache_dir=str(data.parent.parent / "features"))
-    recipe.update(knowledge_path="logits" if knowledge else "none", distill_weight=distill)
-    desc = ("knowledge" if knowledge else "paper") + ("+kd" if distill else "") + f" s{seed}"
+    recipe.update(knowledge_path="logits" if knowledge else "none", distill_weight=distill, conditioning=conditioning)
+    desc = ("knowledge" if knowledge else "paper") + ("+kd" if distill else "") + f" {conditioning} s{seed}"
     Trainer(TrainConfig.from_dict(recipe), log=lambda s: None, desc=desc).fit()
     return LLMModule.from_pretrained(run / "best", large_model=source).eval()
 
@@ -126,10 +131,10 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
     for name in cfg.systems:
         t = time.perf_counter()
         if name in MODULES:
-            knowledge, distill = MODULES[name]
+            knowledge, distill, conditioning = MODULES[name]
             slug = "".join(c if c.isalnum() else "_" for c in name)
             model = train_module(cfg, source_ref, small_cfg, data, root / slug, seed, knowledge,
-                                 cfg.distill_weight if distill is None else distill)
+                                 cfg.distill_weight if distill is None else distill, conditioning)
         elif name == SMALL:
             model = train_small(cfg, tok, train_rows, root / "small", seed, "small")
         elif name == KD:
@@ -143,8 +148,10 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
         else:
             model = source_lm
         record(name, complete(model, tok, prompts, cfg.max_new_tokens), time.perf_counter() - t)
+        got[name]["per_token"] = per_token_parameters(model)
     if SOURCE in cfg.systems:  # the selection itself: the bare cue, which the source states by construction
         record(SOURCE_CUE, complete(source_lm, tok, [f.cue for f in split.test], cfg.max_new_tokens), 0.0)
+        got[SOURCE_CUE]["per_token"] = per_token_parameters(source_lm)
     return got
 
 
@@ -206,6 +213,7 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             hits, n = sum(v["hits"] for v in vs), sum(v["n"] for v in vs)
             table[name][part] = {"mean": statistics.mean(ems) if ems else None, "min": min(ems, default=None),
                                  "max": max(ems, default=None), "n": n, "ci95": wilson(hits, n)}
+        table[name]["per_token"] = next(iter(runs.values()))[name].get("per_token")
     return table
 
 
@@ -253,9 +261,10 @@ def facts_report(summary: dict[str, Any]) -> str:
              f"Split by entity (train / validation / test); seeds {', '.join(map(str, seeds))}. Cells: mean over "
              "seeds (min-max) [Wilson 95% interval over all seeds' test facts]. 'unseen': test facts whose answer "
              "is never a training target.", "",
-             "| system | test EM | unseen answers | seen answers |", "|---|---|---|---|"]
+             "| system | test EM | unseen answers | seen answers | params run per new token |", "|---|---|---|---|---:|"]
     for name, t in table.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(t[p]) for p in parts) + " |")
+        cost = f"{t['per_token']:,}" if t.get("per_token") else "n/a"
+        lines.append(f"| {name} | " + " | ".join(_cell(t[p]) for p in parts) + f" | {cost} |")
     lines += ["", "## Per relation (test EM)", "", "| system | " + " | ".join(r[10:] for r in relations) + " |",
               "|---|" + "---|" * len(relations)]
     for name, t in table.items():

@@ -22,14 +22,18 @@ def row_line(name: str, r: dict[str, Any]) -> str:
 
 def _table(summary: dict[str, Any]) -> list[str]:
     lines = ["| system | held-out EM | held-out entities | held-out arithmetic | trained EM | held-out loss | perplexity "
-             "| trainable params | train time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| trainable params | params run per new token | train time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in summary["results"].items():
         vl = "n/a" if r["val_loss"] is None else f"{r['val_loss']:.3f}"
         pp = "n/a" if r["ppl"] is None else f"{r['ppl']:.2f}"
         lines.append(f"| {name} | {r['heldout']:.1%} | {r['heldout_entities']:.1%} | {r['heldout_arithmetic']:.1%} "
-                     f"| {r['trained']:.1%} | {vl} | {pp} | {r['trainable']:,} | {r['seconds']:.0f} |")
+                     f"| {r['trained']:.1%} | {vl} | {pp} | {r['trainable']:,} | {_per_token(r)} | {r['seconds']:.0f} |")
     return lines
+
+
+def _per_token(r: dict[str, Any]) -> str:
+    return f"{r['per_token']:,}" if r.get("per_token") else "n/a"
 
 
 def print_table(summary: dict[str, Any], log: Callable[[str], None] = print) -> None:
@@ -116,15 +120,17 @@ def aggregate_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]
             hits = sum(round(v * n) for v, n in zip(vals, ns))
             table[name][key] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals),
                                 "ci95": wilson(hits, sum(ns)), "n": sum(ns)}
+        table[name]["per_token"] = next(iter(runs.values()))["results"][name].get("per_token")
     return table
 
 
 def seeds_table(table: dict[str, dict[str, Any]]) -> list[str]:
-    lines = ["| system | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    lines = ["| system | " + " | ".join(label for _, label in METRICS) + " | params run per new token |",
+             "|---|" + "---:|" * (len(METRICS) + 1)]
     for name, t in table.items():
         cells = [f"{c['mean']:.1%} ({c['min']:.0%}-{c['max']:.0%}) [{c['ci95'][0]:.0%}, {c['ci95'][1]:.0%}]"
                  for c in (t[k] for k, _ in METRICS)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_per_token(t)} |")
     return lines
 
 

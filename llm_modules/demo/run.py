@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, GPTNeoConfig, PreTrainedModel, Qw
 from ..data import Example, Formatter, build_prompt, parse_row
 from ..fixtures import train_tokenizer
 from ..inference.evaluate import answer_prompts, extract_answer
+from ..info import per_token_parameters
 from ..io import atomic_write_text, default_cache_dir
 from ..loss import evaluate_loss
 from ..model import LLMModule
@@ -44,6 +45,7 @@ FIXED_PROMPTS = [("sum", {"a": 5, "b": 5}), ("remainder", {"a": 7, "b": 4})]
 TEACHER = "large fine-tuned (the distillation teacher)"
 KD = "distilled (logit KD from the fine-tuned large)"
 KD_TRANSFER = "distilled + held-out prompts (teacher-answered)"
+FAST = "LLM Module, prompt conditioning (source reads the prompt only)"
 
 
 @dataclass
@@ -239,22 +241,25 @@ def make_task(cfg: DemoConfig, world: World, tok: Any, out: Path) -> Task:
                 [world.train_facts[i] for i in pick], fixed, data_dir)
 
 
-def run_llm_module(cfg: DemoConfig, task: Task, large_dir: Path, small_dir: Path, out: Path) -> tuple[dict, list, list]:
+def run_llm_module(cfg: DemoConfig, task: Task, large_dir: Path, small_dir: Path, out: Path,
+                   conditioning: str = "token") -> tuple[dict, list, list]:
     """Train the LLM Module from a recipe, as `llm-modules train` would; (result row, fixed answers, curve)."""
     t = time.perf_counter()
+    folder = out / ("llm_module" if conditioning == "token" else f"llm_module_{conditioning}")
     tcfg = TrainConfig.from_dict(dict(
         large_model=str(large_dir), small_model=str(small_dir), source_dtype="float32", num_heads=4,
         adapter_dim=64, dropout=0.0, data=str(task.data_dir / "train.jsonl"), val_fraction=0.1, seed=cfg.seed,
         epochs=cfg.task_epochs, batch_size=cfg.batch_size // 2, lr_bridge=cfg.lr, lr_small=cfg.lr / 2, warmup_steps=5,
-        output_dir=str(out / "llm_module"), progress=cfg.progress, tensorboard=False, log_every=5, patience=0,
-        max_length=256))
-    r = Trainer(tcfg, log=lambda s: None, desc="LLM Module").fit()
-    module = LLMModule.from_pretrained(out / "llm_module" / "best").eval()
+        output_dir=str(folder), progress=cfg.progress, tensorboard=False, log_every=5, patience=0,
+        max_length=256, conditioning=conditioning))
+    r = Trainer(tcfg, log=lambda s: None, desc=f"LLM Module ({conditioning})").fit()
+    module = LLMModule.from_pretrained(folder / "best").eval()
     secs = time.perf_counter() - t
     hl = evaluate_loss(module, task.held_ex, 32, task.tokenizer.pad_token_id)
     ho, tr, fx = task.answers(module)
     row = dict(**task.scores(ho, tr), val_loss=hl["loss"], ppl=hl["perplexity"],
-               trainable=sum(p.numel() for _, p in module.trainable_named_parameters()), seconds=secs)
+               trainable=sum(p.numel() for _, p in module.trainable_named_parameters()), seconds=secs,
+               per_token=per_token_parameters(module))
     return row, fx, [x["loss"] for x in r.records if "loss" in x]
 
 
@@ -270,7 +275,7 @@ def run_baseline(cfg: DemoConfig, task: Task, name: str, small: PreTrainedModel,
     vl = evaluate_loss(CausalLMTrainee(small), task.held_ex, 32, task.tokenizer.pad_token_id)["loss"]
     ho, tr, fx = task.answers(small)
     row = dict(**task.scores(ho, tr), val_loss=vl, ppl=math.exp(min(vl, 50)),
-               trainable=sum(p.numel() for p in small.parameters()), seconds=secs)
+               trainable=sum(p.numel() for p in small.parameters()), seconds=secs, per_token=per_token_parameters(small))
     return row, fx, losses
 
 
@@ -296,6 +301,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
 
     record("LLM Module (frozen large + bridge + small)", "LLM Module",
            run_llm_module(cfg, task, large_dir, small_dir, out))
+    record(FAST, "LLM Module, prompt", run_llm_module(cfg, task, large_dir, small_dir, out, "prompt"))
     large = AutoModelForCausalLM.from_pretrained(str(large_dir)).eval()
     # A fair teacher for distillation: the large model fine-tuned on the training questions (it knows the format).
     torch.manual_seed(cfg.seed + 5)
@@ -318,7 +324,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
                   for fs in (world.heldout_facts, task.trained_sample, task.fixed))
     key = "large model alone (corpus-form prompts)"
     results[key] = dict(**task.scores(ho, tr, completion_answer), val_loss=None, ppl=None, trainable=0,
-                        seconds=pre.get("large_seconds", 0.0))
+                        seconds=pre.get("large_seconds", 0.0), per_token=per_token_parameters(large))
     answers[key] = [completion_answer(o) for o in fx]
     log(row_line("large alone", results[key]))
 
