@@ -368,7 +368,55 @@ def add_convert_reference(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert_reference)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_fetch_source, add_info, add_train, add_cache, add_generate, add_chat, add_eval, add_compare, add_convert_reference]
+# -- serve ------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from .serving.app import ServeConfig, Server, create_app
+        from .serving.registry import parse_model_specs, check_specs
+    except ImportError as e:
+        raise ValueError(f"serve needs FastAPI and uvicorn: pip install 'llm-modules[serve]' ({e})") from None
+    specs = parse_model_specs(args.model)
+    check_specs(specs)  # a wrong folder fails here, before the port opens
+    key = args.api_key or os.environ.get("LLM_MODULES_API_KEY") or None
+    cfg = ServeConfig(models=specs, api_key=key, max_concurrent=args.max_concurrent,
+                      max_prompt_tokens=args.max_prompt_tokens, max_answer_tokens=args.max_answer_tokens,
+                      batch_window=args.batch_window_ms / 1000, max_batch=args.max_batch, threads=args.threads,
+                      large_model=args.large)
+    log = lambda s: print(f"llm-modules serve: {s}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        log(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it")
+    log(f"http://{args.host}:{args.port} (web chat at /, OpenAI API at /v1); loading {len(specs)} module(s)")
+    uvicorn.run(create_app(Server(cfg, log)), host=args.host, port=args.port, log_level=args.log_level)
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server and web chat over saved modules",
+                       description="Serve saved modules over HTTP: GET /v1/models, POST /v1/chat/completions and "
+                                   "/v1/completions (OpenAI's API, streaming included), GET /health (503 while "
+                                   "loading), and a web chat at /. Modules trained against the same knowledge "
+                                   "source share one loaded copy of it. Requests for the same module and sampling "
+                                   "settings that arrive together are decoded as one batch; batches take turns "
+                                   "token by token, so no request waits for another's whole answer.")
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a saved module (repeat for several); NAME is its id in the API (default: the folder name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set LLM_MODULES_API_KEY)")
+    p.add_argument("--large", help="where the knowledge source lives, if not where the modules were trained")
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests at once; more get 429 (default 64)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context limit)")
+    p.add_argument("--max-answer-tokens", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most (default 16)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long an idle server waits for more requests to batch with the first (default 10)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_fetch_source, add_info, add_train, add_cache, add_generate, add_chat, add_eval, add_compare, add_convert_reference, add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

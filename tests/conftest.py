@@ -70,3 +70,21 @@ def write_tiny_recipe(fx, folder, rows: int = 40, data_seed: int = 5, adapter_di
                       f"num_heads: 4\nadapter_dim: {adapter_dim}\ndata: {data}\nepochs: 1\nbatch_size: 8\n"
                       f"output_dir: {folder / 'run'}\nprogress: false\ntensorboard: false\n")
     return recipe, data
+
+
+@pytest.fixture(scope="session")
+def served_modules(fx, tmp_path_factory):
+    """{name: folder} of saved tiny modules for the server: two on one source (token and prompt
+    conditioning), one on another source."""
+    root = tmp_path_factory.mktemp("served")
+    out = {}
+    for name, large, kw in (("alpha", "large_qwen2", {}), ("beta", "large_qwen2", {"conditioning": "prompt"}),
+                            ("gamma", "large_llama", {})):
+        torch.manual_seed(len(out))
+        m = LLMModule.build(fx[large], fx["small_gpt_neo"], source_dtype="float32",
+                            prompt={"format": "paper", "system_prompt": "Be brief."}, **kw)
+        with torch.no_grad():
+            m.generation.lm_head.weight.normal_(0, 0.5)  # varied tokens rather than one repeated
+        m.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out

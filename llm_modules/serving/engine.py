@@ -1,0 +1,187 @@
+"""The generation engine: one worker thread runs every request, batched where requests allow it.
+
+What is batched: requests for the same module with the same sampling settings that arrive within
+`batch_window` seconds of each other form a *cohort*: one source pass reads all their prompts (left
+padded), and every decoding step advances all of them at once (one source step in token mode, none
+in prompt mode, one bridge and trunk step, one head). Cohorts then take turns one decoding step at a
+time, so no request waits for another's whole answer; a new cohort's prompt pass runs between two
+steps of the others. Requests with a `seed` decode alone (their samples must not depend on neighbours).
+Rows that finish (end of sequence, stop sequence, max_tokens, client gone) stop producing events at
+once; a cohort is dropped when all its rows are done.
+
+Events go back to the caller through `Request.emit` (thread-safe towards asyncio, see `app.py`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..decode import decode
+from ..inference.evaluate import left_padded
+from ..data import Example, pad_id
+
+
+@dataclass
+class Request:
+    """One answer to generate. `emit(kind, value)` receives ("token", id), then ("done", finish_reason)
+    or ("error", message)."""
+
+    module_name: str
+    prompt: Example
+    max_tokens: int
+    emit: Callable[[str, Any], None]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    cancelled: bool = False
+    produced: int = 0
+    done: bool = False
+
+    def cohort_key(self) -> tuple:
+        sampling = (self.temperature, self.top_p) if self.temperature > 0 else ("greedy",)
+        return (self.module_name, *sampling, ("seed", self.seed, self.id) if self.seed is not None else None)
+
+
+class Cohort:
+    """Requests decoded together: one `decode` generator over their left-padded prompts."""
+
+    def __init__(self, module: Any, requests: list[Request]):
+        self.requests = requests
+        first = requests[0]
+        ids, mask, answer = left_padded([r.prompt for r in requests], pad_id(module.tokenizer))
+        dev = module.device
+        sample = first.temperature > 0
+        self.steps: Iterator = decode(
+            module, ids.to(dev), mask.to(dev), answer_mask=answer.to(dev),
+            max_new_tokens=max(r.max_tokens for r in requests), do_sample=sample,
+            temperature=first.temperature if sample else 1.0, top_p=first.top_p if sample else None,
+            seed=first.seed)
+
+    def advance(self) -> bool:
+        """One decoding step for every row; False once every row is done."""
+        try:
+            nxt, _, finished = next(self.steps)
+        except StopIteration:
+            for r in self.requests:
+                self._finish(r, "length")
+            return False
+        for i, r in enumerate(self.requests):
+            if r.done:
+                continue
+            if r.cancelled:
+                r.done = True
+                continue
+            if bool(finished[i]):
+                self._finish(r, "stop")  # end of sequence
+                continue
+            r.produced += 1
+            r.emit("token", int(nxt[i]))
+            if r.produced >= r.max_tokens:
+                self._finish(r, "length")
+        if all(r.done for r in self.requests):
+            self.steps.close()
+            return False
+        return True
+
+    @staticmethod
+    def _finish(r: Request, reason: str) -> None:
+        if not r.done:
+            r.done = True
+            if not r.cancelled:
+                r.emit("done", reason)
+
+
+def fail(requests: list[Request], message: str) -> None:
+    """End these requests with an error event (the engine itself keeps serving)."""
+    for r in requests:
+        if not r.done:
+            r.done = True
+            r.emit("error", message)
+
+
+class Engine:
+    def __init__(self, modules: dict[str, Any], batch_window: float = 0.01, max_batch: int = 16,
+                 threads: int | None = None):
+        self.modules = modules  # name -> LLMModule
+        self.batch_window, self.max_batch, self.threads = batch_window, max_batch, threads
+        self._pending: list[Request] = []
+        self._cohorts: list[Cohort] = []
+        self._lock = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="llm-modules-engine", daemon=True)
+        self.steps = 0  # decoding steps run (all cohorts), for tests and metrics
+        self.max_rows = 0  # the largest cohort seen
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        self._thread.join(timeout=10)
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            self._pending.append(request)
+            self._lock.notify_all()
+
+    @property
+    def active(self) -> int:
+        """Requests queued or generating."""
+        with self._lock:
+            return len(self._pending) + sum(1 for c in self._cohorts for r in c.requests if not r.done)
+
+    def _admit(self) -> None:
+        """Group the waiting requests into new cohorts (called with the lock held)."""
+        groups: dict[tuple, list[Request]] = {}
+        for r in self._pending:
+            if not r.cancelled:
+                groups.setdefault(r.cohort_key(), []).append(r)
+        self._pending = []
+        for key, reqs in groups.items():
+            module = self.modules[key[0]]
+            for i in range(0, len(reqs), self.max_batch):
+                batch = reqs[i : i + self.max_batch]
+                try:
+                    self._cohorts.append(Cohort(module, batch))
+                except Exception as e:  # a bad prompt fails its requests, never the engine
+                    fail(batch, f"{type(e).__name__}: {e}")
+
+    def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        while True:
+            with self._lock:
+                while not self._stop and not self._pending and not self._cohorts:
+                    self._lock.wait()
+                if self._stop:
+                    return
+                if self._pending and not self._cohorts:
+                    # Idle engine: wait a moment so requests arriving together share one batch.
+                    deadline = time.monotonic() + self.batch_window
+                    while (not self._stop and len(self._pending) < self.max_batch
+                           and (left := deadline - time.monotonic()) > 0):
+                        self._lock.wait(timeout=left)
+                self._admit()
+                cohorts = list(self._cohorts)
+            for c in cohorts:
+                self.max_rows = max(self.max_rows, len(c.requests))
+                try:
+                    alive = c.advance()
+                except Exception as e:  # e.g. out of memory: fail these requests, keep serving
+                    fail(c.requests, f"generation failed: {type(e).__name__}: {e}")
+                    alive = False
+                self.steps += 1
+                if not alive:
+                    with self._lock:
+                        self._cohorts.remove(c)
+            time.sleep(0)  # let request threads in between steps

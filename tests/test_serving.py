@@ -1,0 +1,262 @@
+"""The OpenAI-compatible server in-process (httpx over ASGI): routes, shapes, errors, limits, batching."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+
+from llm_modules.data import encode_prompt
+from llm_modules.serving.app import ServeConfig, Server, create_app
+from llm_modules.serving.engine import Engine, Request
+from llm_modules.serving.registry import parse_model_specs
+from llm_modules.serving.text import AnswerText
+
+MSGS = [{"role": "user", "content": "sum of 5 and 5"}]
+
+
+@pytest.fixture(scope="module")
+def server(served_modules):
+    s = Server(ServeConfig(models=[(n, served_modules[n]) for n in ("alpha", "beta")], max_answer_tokens=64),
+               log=lambda s: None).load()
+    assert s.state == "ready", s.error
+    yield s
+    s.close()
+
+
+def call(server, method, path, body=None, headers=None, raw=None):
+    async def go():
+        transport = httpx.ASGITransport(app=create_app(server, load=False))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            if raw is not None:
+                return await c.request(method, path, content=raw, headers=headers)
+            return await c.request(method, path, json=body, headers=headers)
+
+    return asyncio.run(go())
+
+
+def greedy(sm, prompt, n):
+    """The module's own greedy continuation of an encoded prompt (what the server must return)."""
+    ids = torch.tensor([prompt.input_ids])
+    out = sm.module.generate(ids, answer_mask=torch.tensor([prompt.answer]), max_new_tokens=n)
+    new = out[0, ids.shape[1]:].tolist()
+    eos = sm.tokenizer.eos_token_id
+    return new[: new.index(eos)] if eos in new else new
+
+
+def text_of(tok, ids):
+    """What the server sends for these tokens: an incomplete last character is dropped."""
+    return tok.decode(ids, skip_special_tokens=False).rstrip("\ufffd")
+
+
+def sse_events(text):
+    lines = [ln[6:] for ln in text.split("\n\n") if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def test_health_says_loading_then_ready(served_modules, server):
+    loading = Server(ServeConfig(models=[("alpha", served_modules["alpha"])]), log=lambda s: None)
+    r = call(loading, "GET", "/health")
+    assert r.status_code == 503 and r.json()["status"] == "loading"
+    r = call(loading, "POST", "/v1/chat/completions", {"model": "alpha", "messages": MSGS})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+    r = call(server, "GET", "/health")
+    assert r.status_code == 200 and r.json()["models"] == ["alpha", "beta"]
+
+
+def test_models_share_one_source_per_fingerprint(served_modules):
+    s = Server(ServeConfig(models=list(served_modules.items())), log=lambda s: None).load()
+    try:
+        reg = s.registry
+        assert len(reg.sources) == 2  # alpha and beta share one, gamma has its own
+        a, b, g = (reg.modules[n].module.source.model for n in ("alpha", "beta", "gamma"))
+        assert a is b and a is not g
+        cards = {m["id"]: m for m in call(s, "GET", "/v1/models").json()["data"]}
+        assert cards["alpha"]["parent"] == cards["beta"]["parent"] != cards["gamma"]["parent"]
+        assert cards["beta"]["conditioning"] == "prompt" and cards["alpha"]["object"] == "model"
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("name", ["alpha", "beta"])
+def test_chat_answer_is_the_modules_greedy_answer_streamed_or_not(server, name):
+    sm = server.registry.get(name)
+    body = {"model": name, "messages": MSGS, "temperature": 0, "max_tokens": 12}
+    r = call(server, "POST", "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    prompt = encode_prompt(sm.tokenizer, "paper", MSGS[0]["content"], (), "Be brief.")
+    want = greedy(sm, prompt, 12)
+    msg = out["choices"][0]["message"]
+    assert out["object"] == "chat.completion" and msg["role"] == "assistant"
+    assert msg["content"] == text_of(sm.tokenizer, want)
+    assert out["usage"] == {"prompt_tokens": len(prompt.input_ids), "completion_tokens": len(want),
+                            "total_tokens": len(prompt.input_ids) + len(want)}
+    assert out["choices"][0]["finish_reason"] == ("length" if len(want) == 12 else "stop")
+    r = call(server, "POST", "/v1/chat/completions", body | {"stream": True, "stream_options": {"include_usage": True}})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    ev = sse_events(r.text)
+    assert ev[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(e["object"] == "chat.completion.chunk" for e in ev)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in ev if e["choices"]) == msg["content"]
+    assert ev[-2]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
+    assert ev[-1]["choices"] == [] and ev[-1]["usage"] == out["usage"]
+
+
+def test_history_and_stop_sequences(server):
+    sm = server.registry.get("beta")
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "sum of 1 and 1"},
+               {"role": "assistant", "content": "two"}, {"role": "user", "content": "sum of 5 and 5"}]
+    body = {"model": "beta", "messages": history, "temperature": 0, "max_tokens": 12}
+    full = call(server, "POST", "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+    prompt = encode_prompt(sm.tokenizer, "paper", "sum of 5 and 5", [("user", "sum of 1 and 1"), ("assistant", "two")],
+                           "Be brief.")
+    assert full == text_of(sm.tokenizer, greedy(sm, prompt, 12))
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    cut = call(server, "POST", "/v1/chat/completions", body | {"stop": [stop]}).json()["choices"][0]
+    assert cut["message"]["content"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+    r = call(server, "POST", "/v1/chat/completions", body | {"stop": stop, "stream": True})
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in sse_events(r.text)) == full[: full.index(stop)]
+
+
+def test_completions(server):
+    sm = server.registry.get("alpha")
+    r = call(server, "POST", "/v1/completions", {"model": "alpha", "prompt": "The river", "temperature": 0,
+                                                  "max_tokens": 6})
+    out = r.json()
+    want = greedy(sm, encode_prompt(sm.tokenizer, "raw", "The river"), 6)
+    assert out["object"] == "text_completion" and out["choices"][0]["text"] == text_of(sm.tokenizer, want)
+    r = call(server, "POST", "/v1/completions", {"model": "alpha", "prompt": "The river", "temperature": 0,
+                                                  "max_tokens": 6, "stream": True})
+    assert "".join(e["choices"][0]["text"] for e in sse_events(r.text)) == out["choices"][0]["text"]
+
+
+def test_sampling_with_a_seed_repeats(server):
+    body = {"model": "alpha", "messages": MSGS, "temperature": 1.0, "top_p": 0.9, "seed": 7, "max_tokens": 10}
+    a, b = (call(server, "POST", "/v1/chat/completions", body).json()["choices"][0]["message"]["content"] for _ in "ab")
+    assert a == b
+
+
+@pytest.mark.parametrize("body,status,param,code", [
+    ({"model": "nope", "messages": MSGS}, 404, "model", "model_not_found"),
+    ({"model": "alpha"}, 400, "messages", None),
+    ({"model": "alpha", "messages": []}, 400, "messages", None),
+    ({"model": "alpha", "messages": MSGS, "n": 2}, 400, "n", None),
+    ({"model": "alpha", "messages": MSGS, "temperature": 3}, 400, "temperature", None),
+    ({"model": "alpha", "messages": MSGS, "max_tokens": 65}, 400, "max_tokens", None),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x " * 300}]}, 400, "messages",
+     "context_length_exceeded"),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x " * 100}], "max_tokens": 64}, 400, "max_tokens",
+     "context_length_exceeded"),
+    ({"model": "alpha", "messages": [*MSGS, {"role": "assistant", "content": "ten"}]}, 400, "messages", None),
+    ({"model": "alpha", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", None),
+])
+def test_errors_have_openais_shape(server, body, status, param, code):
+    r = call(server, "POST", "/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param and err["code"] == code
+
+
+def test_malformed_json_is_a_400(server):
+    r = call(server, "POST", "/v1/chat/completions", raw=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_too_many_requests_and_api_key(served_modules, server):
+    server.inflight, saved = server.cfg.max_concurrent, server.inflight
+    try:
+        r = call(server, "POST", "/v1/chat/completions", {"model": "alpha", "messages": MSGS})
+    finally:
+        server.inflight = saved
+    assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+    server.cfg.api_key = "s3cret"
+    try:
+        assert call(server, "GET", "/v1/models").status_code == 401
+        assert call(server, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert call(server, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert call(server, "GET", "/health").status_code == 200
+    finally:
+        server.cfg.api_key = None
+
+
+def test_concurrent_requests_share_a_batch_and_keep_their_answers(server):
+    bodies = [{"model": "alpha", "messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 8}
+              for q in ("sum of 5 and 5", "The city of the river was founded in", "hello")]
+    alone = [call(server, "POST", "/v1/chat/completions", b).json()["choices"][0]["message"]["content"] for b in bodies]
+    server.engine.max_rows, window = 0, server.engine.batch_window
+    server.engine.batch_window = 0.3  # a busy test machine: room for all three to arrive
+
+    async def together():
+        transport = httpx.ASGITransport(app=create_app(server, load=False))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
+        return [r.json()["choices"][0]["message"]["content"] for r in rs]
+
+    try:
+        assert asyncio.run(together()) == alone
+    finally:
+        server.engine.batch_window = window
+    assert server.engine.max_rows == 3  # one batch: one source pass, one step for all three
+
+
+def test_failure_mid_stream_is_an_error_event(server):
+    module = server.registry.get("alpha").module
+    real = module.step
+
+    def broken(new_ids, state=None, *a, **k):
+        if state is not None:
+            raise RuntimeError("device lost")
+        return real(new_ids, state, *a, **k)
+
+    module.step = broken
+    try:
+        body = {"model": "alpha", "messages": MSGS, "temperature": 0, "max_tokens": 8}
+        r = call(server, "POST", "/v1/chat/completions", body | {"stream": True})
+        ev = sse_events(r.text)
+        assert "device lost" in ev[-1]["error"]["message"] and ev[-1]["error"]["type"] == "server_error"
+        r = call(server, "POST", "/v1/chat/completions", body)
+        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+    finally:
+        del module.step
+    assert call(server, "POST", "/v1/chat/completions", body).status_code == 200  # the engine kept serving
+
+
+def test_engine_stops_a_cancelled_request(server):
+    events = []
+    sm = server.registry.get("alpha")
+    prompt = encode_prompt(sm.tokenizer, "raw", "The river")
+    eng = Engine({"alpha": sm.module}, batch_window=0.0).start()
+    try:
+        req = Request("alpha", prompt, 200, lambda k, v: (events.append(k), k == "token" and len(events) == 3
+                                                          and setattr(req, "cancelled", True)), temperature=0)
+        eng.submit(req)
+        for _ in range(200):
+            if req.done:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert req.done and events.count("token") == 3 and "done" not in events and eng.active == 0
+    finally:
+        eng.close()
+
+
+def test_answer_text_holds_back_a_partial_stop_and_cuts_at_it(fx):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fx["tokenizer"])
+    ids = tok("abc END xyz", add_special_tokens=False).input_ids
+    t = AnswerText(tok, ["END"])
+    sent = "".join(t.add(i) for i in ids if not t.stopped)
+    assert sent == "abc " and t.stopped and t.flush() == ""
+    t = AnswerText(tok, ["ENDX"])
+    sent = "".join(t.add(i) for i in ids) + t.flush()
+    assert sent == "abc END xyz" and not t.stopped
+
+
+def test_model_specs():
+    assert parse_model_specs(["a=/x/y", "/runs/m1/best"]) == [("a", "/x/y"), ("m1", "/runs/m1/best")]
+    with pytest.raises(ValueError, match="given twice"):
+        parse_model_specs(["a=/x", "a=/y"])
