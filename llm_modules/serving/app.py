@@ -221,7 +221,8 @@ def add_routes(app: FastAPI, server: Server) -> None:
     async def health() -> JSONResponse:
         if server.state != "ready":
             return JSONResponse({"status": server.state, "error": server.error}, status_code=503)
-        return JSONResponse({"status": "ok", "models": list(server.registry.modules)})
+        return JSONResponse({"status": "ok", "models": list(server.registry.modules), "requests": server.engine.active,
+                             "steps": server.engine.steps})
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:

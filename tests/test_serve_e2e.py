@@ -1,0 +1,144 @@
+"""`llm-modules serve` as a real process on a loopback port: the official `openai` client against it, a
+client that disconnects, and the web chat in headless Chromium."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+KEY = "e2e-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(served_modules, tmp_path_factory):
+    """Base URL of a server with modules alpha (token conditioning) and beta (prompt conditioning)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = dict(os.environ, LLM_MODULES_API_KEY=KEY)
+    cmd = [sys.executable, "-m", "llm_modules.cli", "serve", "--model", f"alpha={served_modules['alpha']}",
+           "--model", f"beta={served_modules['beta']}", "--port", str(port), "--threads", "1",
+           "--max-answer-tokens", "240"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        else:
+            pytest.fail("server not ready in 60 s: " + log.read_text())
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_openai_client_streaming_and_not(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served + "/v1", api_key=KEY, max_retries=0)
+    assert sorted(m.id for m in client.models.list()) == ["alpha", "beta"]
+    msgs = [{"role": "user", "content": "sum of 5 and 5"}]
+    for model in ("alpha", "beta"):
+        out = client.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=10)
+        text = out.choices[0].message.content
+        assert out.model == model and out.usage.completion_tokens >= 1 and text
+        chunks = list(client.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=10,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    done = client.completions.create(model="alpha", prompt="The river", max_tokens=5, temperature=0)
+    assert done.choices[0].finish_reason in ("stop", "length") and done.usage.prompt_tokens > 0
+
+
+def test_openai_client_errors(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served + "/v1", api_key=KEY, max_retries=0)
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=msgs)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="alpha", messages=msgs, max_tokens=10_000)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_a_client_that_disconnects_stops_its_generation(served):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 1}
+    with httpx.Client(timeout=60, headers=auth) as c:
+        # A seed whose full answer runs all 200 tokens (seeded sampling repeats exactly).
+        seed = next(s for s in range(20) if c.post(served + "/v1/chat/completions", json=body | {"seed": s})
+                    .json()["usage"]["completion_tokens"] == 200)
+        before = c.get(served + "/health").json()["steps"]
+        with c.stream("POST", served + "/v1/chat/completions", json=body | {"seed": seed, "stream": True}) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(3)]
+        assert got[0].startswith("data: ")
+        time.sleep(1.0)
+        health = c.get(served + "/health").json()
+    assert health["requests"] == 0  # nothing still generating for the client that left
+    assert health["steps"] - before < 150  # the full answer would have taken 200 decoding steps
+
+
+def test_web_chat_in_headless_chromium(served, tmp_path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "chromium and chromium-driver must be installed (.ci/run installs them)"
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,800"):
+        opts.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(driver), options=opts)
+    try:
+        browser.get(served + "/")
+        wait = WebDriverWait(browser, 30)
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
+        wait.until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 2)
+        browser.find_element(By.ID, "max_tokens").clear()
+        browser.find_element(By.ID, "max_tokens").send_keys("12")
+
+        def ask(text):
+            n = len(browser.find_elements(By.CSS_SELECTOR, ".assistant"))
+            browser.find_element(By.ID, "input").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant")) == n + 1
+                       and b.find_element(By.ID, "send").is_enabled())
+            return browser.find_elements(By.CSS_SELECTOR, ".assistant")[-1]
+
+        first = ask("sum of 5 and 5")
+        assert first.find_element(By.CLASS_NAME, "text").text.strip() and "alpha" in first.text
+        Select(browser.find_element(By.ID, "model")).select_by_value("beta")
+        second = ask("and 2 and 3?")
+        assert "beta" in second.text and second.find_element(By.CLASS_NAME, "text").text.strip()
+        assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".user")) == 2  # the conversation is kept
+        browser.save_screenshot(str(tmp_path / "webchat.png"))
+        assert (tmp_path / "webchat.png").stat().st_size > 5000
+    finally:
+        browser.quit()
