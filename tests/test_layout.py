@@ -11,7 +11,7 @@ import llm_modules
 
 PKG = Path(llm_modules.__file__).parent
 CORE = {"config", "io", "masks", "data", "source", "bridge", "model", "loss", "decode", "features"}
-LAYERS = ("training", "inference", "demo", "cli", "fixtures")
+LAYERS = ("training", "inference", "serving", "demo", "cli", "fixtures")
 
 
 def _module_name(path: Path) -> str:

@@ -1,14 +1,12 @@
 """`llm-modules serve` as a real process on a loopback port: the official `openai` client against it, a
 client that disconnects, and the web chat in headless Chromium."""
 
-import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
