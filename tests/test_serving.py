@@ -167,11 +167,15 @@ def test_malformed_json_is_a_400(server):
 
 
 def test_too_many_requests_and_api_key(served_modules, server):
-    server.inflight, saved = server.cfg.max_concurrent, server.inflight
+    sm = server.registry.get("alpha")
+    busy = Request("alpha", encode_prompt(sm.tokenizer, "raw", "The river"), 200, lambda k, v: None, temperature=0)
+    server.cfg.max_concurrent, saved = 1, server.cfg.max_concurrent
+    server.engine.submit(busy)  # one request generating: the server is full
     try:
         r = call(server, "POST", "/v1/chat/completions", {"model": "alpha", "messages": MSGS})
     finally:
-        server.inflight = saved
+        busy.cancelled = True
+        server.cfg.max_concurrent = saved
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
     server.cfg.api_key = "s3cret"
     try:

@@ -57,7 +57,6 @@ class Server:
         self.state, self.error = "loading", None
         self.registry: Registry | None = None
         self.engine: Engine | None = None
-        self.inflight = 0
 
     def load(self) -> "Server":
         try:
@@ -134,28 +133,32 @@ def answer_budget(server: Server, sm: ServedModule, prompt: Example, asked: int 
     return want
 
 
-async def run_request(server: Server, sm: ServedModule, body: Any, prompt: Example, max_tokens: int,
-                      http: HTTPRequest) -> tuple[Request, AsyncIterator[tuple[str, str | None]]]:
-    """Submit to the engine; yield (new text, finish reason or None) until the answer ends."""
-    if server.inflight >= server.cfg.max_concurrent:
-        raise APIError(429, f"{server.inflight} requests in progress (the limit is {server.cfg.max_concurrent}); "
+async def run_request(server: Server, sm: ServedModule, body: Any, prompt: Example,
+                      max_tokens: int) -> tuple[Request, AsyncIterator[tuple[str, str | None]]]:
+    """Submit to the engine; the iterator yields (new text, finish reason or None) until the answer ends."""
+    if server.engine.active >= server.cfg.max_concurrent:
+        raise APIError(429, f"{server.engine.active} requests in progress (the limit is {server.cfg.max_concurrent}); "
                        "retry shortly", "rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    req = Request(sm.name, prompt, max_tokens, lambda k, v: loop.call_soon_threadsafe(queue.put_nowait, (k, v)),
-                  body.temperature, body.top_p, body.seed)
+
+    def emit(kind: str, value: Any) -> None:  # called from the engine thread
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone: nobody is listening
+            req.cancelled = True
+
+    req = Request(sm.name, prompt, max_tokens, emit, body.temperature, body.top_p, body.seed)
     text = AnswerText(sm.tokenizer, [*sm.stop_strings, *body.stop])
-    server.inflight += 1
+    server.engine.submit(req)  # now, so the concurrency count above includes it
 
     async def events() -> AsyncIterator[tuple[str, str | None]]:
         try:
-            server.engine.submit(req)
             while True:
                 kind, value = await queue.get()
                 if kind == "token":
                     piece = text.add(value)
                     if text.stopped:
-                        req.cancelled = True  # the engine drops the row at its next step
                         yield piece, "stop"
                         return
                     if piece:
@@ -166,8 +169,7 @@ async def run_request(server: Server, sm: ServedModule, body: Any, prompt: Examp
                 else:
                     raise APIError(500, value, "server_error", code="generation_failed")
         finally:
-            req.cancelled = True  # finished, failed, or the client went away
-            server.inflight -= 1
+            req.cancelled = True  # finished, stopped by a stop sequence, failed, or the client went away
 
     return req, events()
 
@@ -242,7 +244,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
         prompt = chat_prompt(sm, body.messages)
         asked = body.max_completion_tokens or body.max_tokens
         max_tokens = answer_budget(server, sm, prompt, asked, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-        req, events = await run_request(server, sm, body, prompt, max_tokens, http)
+        req, events = await run_request(server, sm, body, prompt, max_tokens)
         rid, n = new_id("chatcmpl"), len(prompt.input_ids)
         if body.stream:
             with_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -260,7 +262,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
         if not prompt.input_ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         max_tokens = answer_budget(server, sm, prompt, body.max_tokens, "max_tokens", "completion")
-        req, events = await run_request(server, sm, body, prompt, max_tokens, http)
+        req, events = await run_request(server, sm, body, prompt, max_tokens)
         rid, n = new_id("cmpl"), len(prompt.input_ids)
         if body.stream:
             with_usage = bool(body.stream_options and body.stream_options.include_usage)
