@@ -34,7 +34,8 @@ def build_modules(out: Path, source: str) -> dict[str, str]:
 
     small = out / "small_config"
     GPTNeoConfig(vocab_size=8, hidden_size=256, num_layers=4, num_heads=8,
-                 attention_types=[[["global", "local"], 2]], max_position_embeddings=2048).save_pretrained(str(small))
+                 attention_types=[[["global", "local"], 2]], max_position_embeddings=2048, bos_token_id=None,
+                 eos_token_id=None).save_pretrained(str(small))
     paths = {}
     for name, conditioning in (("module-token", "token"), ("module-prompt", "prompt")):
         torch.manual_seed(len(paths))

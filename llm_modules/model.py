@@ -136,7 +136,7 @@ class LLMModule(nn.Module):
             causal=config.causal,
         )
         self.answer_embed = None
-        if config.conditioning == "prompt" and not config.tie_answer_embeddings:
+        if config.conditioning == "prompt" and not config.ties_answer_embeddings:
             self.answer_embed = nn.Embedding(config.vocab_size, self.generation.hidden_size)
         self.knowledge = None
         if config.knowledge_path == "logits":

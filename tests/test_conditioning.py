@@ -113,3 +113,15 @@ def test_chat_prompt_reads_earlier_answers_as_trained(build):
     assert (first(True, answer) - want).abs().max() <= 1e-4
     assert (first(False, answer) - want).abs().max() <= 1e-4
     assert (first(True, torch.zeros_like(answer)) - want).abs().max() > 2e-3  # 20x the tolerance above
+
+
+def test_answer_embeddings_are_their_own_table_when_the_head_starts_at_zero(build):
+    """With the knowledge path the head starts at zero; tied to it, every answer token would enter the trunk
+    as the same vector. By default such a module gets its own table, and distinct tokens differ."""
+    fast = build(conditioning="prompt", knowledge_path="logits")
+    assert fast.answer_embed is not None
+    e = fast.answer_embeddings(torch.tensor([[5, 6]]))
+    assert (e[0, 0] - e[0, 1]).abs().max() > 1e-3
+    plain = build(conditioning="prompt")
+    assert plain.answer_embed is None  # tied to the (randomly initialised) head
+    assert build(conditioning="prompt", knowledge_path="logits", tie_answer_embeddings=True).answer_embed is None
