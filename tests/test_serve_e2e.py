@@ -136,6 +136,25 @@ def test_web_chat_in_headless_chromium(served, tmp_path):
         assert "beta" in second.text and second.find_element(By.CLASS_NAME, "text").text.strip()
         assert not browser.find_elements(By.CSS_SELECTOR, ".error")
         assert len(browser.find_elements(By.CSS_SELECTOR, ".user")) == 2  # the conversation is kept
+        # The stop button ends a long answer early (the server stops generating for the closed stream); a new
+        # conversation keeps the prompt short enough for 200 tokens of the tiny model's context.
+        browser.find_element(By.ID, "reset").click()
+        browser.find_element(By.ID, "max_tokens").clear()
+        browser.find_element(By.ID, "max_tokens").send_keys("200")
+        browser.find_element(By.ID, "temperature").clear()
+        browser.find_element(By.ID, "temperature").send_keys("1")
+        browser.find_element(By.ID, "input").send_keys("tell me more")
+        # Click stop from inside the page the moment the first text arrives (a poll from here could come too late).
+        browser.execute_script("""
+            new MutationObserver((_, obs) => {
+                const bubbles = document.querySelectorAll('.assistant .text');
+                const last = bubbles[bubbles.length - 1];
+                if (last && last.textContent) { obs.disconnect(); document.getElementById('stop').click(); }
+            }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
+        """)
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: b.find_element(By.ID, "send").is_enabled())
+        assert browser.find_elements(By.CSS_SELECTOR, ".assistant")[-1].text.endswith("[stopped]")
         browser.save_screenshot(str(tmp_path / "webchat.png"))
         assert (tmp_path / "webchat.png").stat().st_size > 5000
     finally:
