@@ -126,3 +126,15 @@ def test_info_from_local_configs_and_saved_module(fx, trained, capsys):
     counts = parameter_counts(LLMModule.from_pretrained(trained[0]))
     line = f"{counts['trained']:,}"
     assert line in from_configs and line in from_module
+
+
+def test_serve_refuses_bad_models_before_opening_a_port(trained, tmp_path, capsys):
+    model = trained[0]
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.strip() == "llm-modules serve: error: serve needs at least one --model"
+    assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
+    assert "nope: no such folder" in capsys.readouterr().err
+    assert main(["serve", "--model", f"a={model}", "--model", f"a={model}"]) == 2
+    assert "the name 'a' is given twice" in capsys.readouterr().err
+    assert main(["serve", "--model", str(model.parent)]) == 2  # a run folder, not a module
+    assert "a training run folder, not a module" in capsys.readouterr().err
