@@ -49,7 +49,6 @@ def load_any(path: str) -> Any:
     return model
 
 
-@torch.no_grad()
 def left_padded(prompts: Sequence[Example], pad: int) -> tuple[Tensor, Tensor, Tensor]:
     """input_ids, attention_mask and answer_mask [B, T] of encoded prompts, padded on the left."""
     T = max(len(p.input_ids) for p in prompts)
@@ -65,6 +64,7 @@ def left_padded(prompts: Sequence[Example], pad: int) -> tuple[Tensor, Tensor, T
     return ids, mask, answer
 
 
+@torch.no_grad()
 def answer_prompts(model: Any, prompts: Sequence[str | Example], max_new_tokens: int = 256, batch_size: int = 8,
                    stop_strings: Sequence[str] = ("<|end_of_solution|>",)) -> list[str]:
     """Greedy answers of an LLM Module or a plain causal LM to already formatted prompts: text, or token ids
