@@ -218,6 +218,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
         cfg = FactsConfig(out=args.out if args.out != "demo_out" else "demo_out/facts", source=args.source,
                           facts=args.facts, seeds=tuple(args.seeds or [args.seed]))
+        if args.answer_source_tokens is not None:
+            cfg.answer_source_tokens = args.answer_source_tokens
         if args.ablation:
             cfg.systems = (*cfg.systems[:2], *ABLATION, *cfg.systems[2:])
         if args.threads:
@@ -257,6 +259,9 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--facts", help="facts world: JSONL of facts (entity, relation, cue, answer, optional question)")
     p.add_argument("--ablation", action="store_true",
                    help="facts world: also the paper's design with distillation and the knowledge path without it")
+    p.add_argument("--answer-source-tokens", type=int,
+                   help="facts world: answer tokens the source also reads for the prompt-conditioned module "
+                        "(default 1; 0 = none, the pure fast mode)")
     p.add_argument("--cache-dir", help="where pretrained demo models are kept (default ~/.cache/llm-modules/demo)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke version (numbers are meaningless)")

@@ -99,6 +99,10 @@ class ModuleConfig:
     generated token. `prompt` (fast mode): answer tokens never reach the source; inside an answer the
     trunk reads its own token embedding and the bridge reads the source's states of the prompt before
     that answer only, so generation costs no source step (llm_modules.masks.prompt_limits)."""
+    answer_source_tokens: int = 0
+    """Prompt conditioning: the source also reads the first N tokens of each answer (they are handled as prompt),
+    so generation costs N source steps per answer instead of none; later answer tokens read the source's states
+    up to there. Lets the source spell the start of an answer (e.g. a multi-token name) at a bounded cost."""
     tie_answer_embeddings: bool | None = None
     """Prompt conditioning: the answer tokens' input embedding is the new head's weight (True) or a table of its
     own (False). None (default): tied, except with the knowledge path, whose head starts at zero: tied to it, every
@@ -141,6 +145,8 @@ class ModuleConfig:
         _check("conditioning", self.conditioning, ("token", "prompt"))
         if self.conditioning == "prompt" and self.attention != "causal":
             raise ValueError("conditioning 'prompt' needs attention 'causal'")
+        if not isinstance(self.answer_source_tokens, int) or self.answer_source_tokens < 0:
+            raise ValueError(f"answer_source_tokens must be an integer >= 0, got {self.answer_source_tokens!r}")
         if self.knowledge_path != "none" and self.source_layer != -1:
             raise ValueError("knowledge_path 'logits' reads the source's final states: set source_layer to -1")
         for name in ("num_layers", "num_heads", "adapter_dim"):
@@ -187,7 +193,7 @@ class ModuleConfig:
 # Keys a recipe may set on the module (the rest are filled in by building and saving it).
 MODULE_KEYS = ("large_model", "small_model", "init_small", "source_layer", "num_layers", "num_heads", "adapter_dim",
                "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype", "knowledge_path", "conditioning",
-               "tie_answer_embeddings")
+               "answer_source_tokens", "tie_answer_embeddings")
 PROMPT_KEYS = ("format", "system_prompt", "loss_on")
 
 

@@ -18,7 +18,7 @@ from .config import ModuleConfig, position_limit
 from .knowledge import KnowledgePath, distill_loss
 from .io import atomic_dir, read_safetensors
 from .loss import shifted_loss
-from .masks import cross_attention_mask, decoder_inputs, position_ids_from_mask, prompt_limits
+from .masks import cross_attention_mask, decoder_inputs, delay_answers, position_ids_from_mask, prompt_limits
 from .source import KnowledgeSource, fingerprints_match, load_model_config, load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -92,6 +92,7 @@ class DecodeState:
     trunk_cache: Any = None  # the small trunk's KV cache
     bridge_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, [B, H, T, Dh]
     source_mask: Tensor | None = None  # [B, Ts] over what the source has read (prompt conditioning: the prompt)
+    answer_fed: int = 0  # tokens fed after the prompt (prompt conditioning: the first `answer_source_tokens` reach the source)
 
     @property
     def length(self) -> int:
@@ -239,7 +240,7 @@ class LLMModule(nn.Module):
         """The answer positions that prompt conditioning treats apart (None in token conditioning)."""
         if self.config.conditioning != "prompt" or answer_mask is None:
             return None
-        return answer_mask > 0
+        return delay_answers(answer_mask, self.config.answer_source_tokens) > 0
 
     def forward(
         self,
@@ -281,7 +282,7 @@ class LLMModule(nn.Module):
         if answer is None:
             embeds = self.bridge(source_states, attention_mask)
         else:
-            embeds = self.bridge(source_states, attention_mask, answer_mask, self.answer_embeddings(input_ids))
+            embeds = self.bridge(source_states, attention_mask, answer.long(), self.answer_embeddings(input_ids))
         trunk_mask, positions = decoder_inputs(attention_mask, embeds.dtype, reference=reference)
         hidden, _ = self.generation(embeds, trunk_mask, positions)
         if labels is not None and not return_logits and not distill_weight:
@@ -333,7 +334,9 @@ class LLMModule(nn.Module):
         if not self.supports_cache:
             raise ValueError("attention 'reference' is not causal: decode it by full recomputation")
         if state is not None and self.config.conditioning == "prompt":
-            return self._answer_step(new_ids, state)
+            state.answer_fed += new_ids.shape[1]
+            if state.answer_fed > self.config.answer_source_tokens:
+                return self._answer_step(new_ids, state)
         B, n = new_ids.shape
         ones = torch.ones(B, n, dtype=torch.long, device=new_ids.device)
         if state is None:
@@ -352,7 +355,7 @@ class LLMModule(nn.Module):
         if answer is None:
             embeds = self.bridge.stream(p, kvs, cross_attention_mask(mask, n, causal=True, past_len=past))
         else:
-            xmask = cross_attention_mask(mask, n, causal=True, key_limit=prompt_limits(answer_mask))
+            xmask = cross_attention_mask(mask, n, causal=True, key_limit=prompt_limits(answer.long()))
             embeds = self.bridge.stream(p, kvs, xmask, self.answer_embeddings(new_ids), answer)
         hidden, state.trunk_cache = self.generation(embeds, mask, positions, cache=state.trunk_cache, use_cache=True)
         src_logits = self._source_logits(h[:, -1]) if self.knowledge is not None else None

@@ -47,6 +47,7 @@ def test_answer_logits_depend_on_the_prompt_only_through_the_source(build):
 @pytest.mark.parametrize("large,small,extra", [
     ("large_qwen2", "small_gpt_neo", {}), ("large_llama", "small_gpt2", {"tie_answer_embeddings": False}),
     ("large_qwen2", "small_qwen2", {"knowledge_path": "logits"}),
+    ("large_qwen2", "small_gpt_neo", {"knowledge_path": "logits", "answer_source_tokens": 2}),
 ])
 def test_cached_decoding_equals_full_recomputation_without_source_steps(build, large, small, extra):
     from llm_modules.decode import decode
@@ -65,7 +66,8 @@ def test_cached_decoding_equals_full_recomputation_without_source_steps(build, l
                                                eos_token_id=[], use_cache=cache)]
 
     runs = [run(True)]
-    assert calls == [enc.input_ids.shape[1]]  # one source pass over the prompt, then none for 64 tokens
+    k = extra.get("answer_source_tokens", 0)
+    assert calls == [enc.input_ids.shape[1]] + [1] * k  # the prompt in one pass, k answer tokens, then no source step
     runs.append(run(False))
     assert torch.equal(torch.stack([t for t, _ in runs[0]]), torch.stack([t for t, _ in runs[1]]))
     assert max((x - y).abs().max().item() for (_, x), (_, y) in zip(*runs)) <= 1e-4
@@ -125,3 +127,21 @@ def test_answer_embeddings_are_their_own_table_when_the_head_starts_at_zero(buil
     plain = build(conditioning="prompt")
     assert plain.answer_embed is None  # tied to the (randomly initialised) head
     assert build(conditioning="prompt", knowledge_path="logits", tie_answer_embeddings=True).answer_embed is None
+
+
+def test_the_source_reads_the_first_answer_tokens_when_asked(build):
+    """answer_source_tokens=2: the first two answer tokens are read by the source like prompt; from the third
+    on, answer logits ignore the source's states past them."""
+    m = build(conditioning="prompt", answer_source_tokens=2, seed=4).eval()
+    ids, answer = _case(m)  # prompt 0-4, answer 5-11
+    with torch.no_grad():
+        states, _ = m.source(ids)
+        base = m(ids, answer_mask=answer, source_states=states).logits
+        late = states.clone()
+        late[:, 7:] += torch.randn_like(late[:, 7:])  # states from the third answer token on
+        early = states.clone()
+        early[:, 6] += torch.randn_like(early[:, 6])  # the second answer token's state
+        a = m(ids, answer_mask=answer, source_states=late).logits
+        b = m(ids, answer_mask=answer, source_states=early).logits
+    assert (a - base).abs().max() <= 1e-6
+    assert (b[:, 7:] - base[:, 7:]).abs().max() > 1e-4

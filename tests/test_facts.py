@@ -91,7 +91,8 @@ def test_whole_facts_benchmark_on_a_tiny_local_source(fx, tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| LLM Module + knowledge path |" in report and "unseen answers" in report and "capital" in report
     fast, token = table["LLM Module + knowledge path, prompt conditioning"], table["LLM Module + knowledge path"]
-    assert 0 < fast["per_token"] < token["per_token"] and f"| {fast['per_token']:,} |" in report
+    assert 0 < fast["per_token"] < token["per_token"] and fast["answer_source_tokens"] == 1
+    assert f"| {fast['per_token']:,} (+ the source on the first 1 answer token(s)) |" in report
     src_em = table["source alone"]["all"]["mean"]
     assert src_em is not None and 0.0 <= src_em <= 1.0
     assert summary["runs"]["0"]["small alone"]["all"]["n"] == summary["runs"]["0"]["source alone"]["all"]["n"]

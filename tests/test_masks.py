@@ -43,3 +43,12 @@ def test_positions_and_decoder_inputs_follow_the_segment_convention():
     assert torch.equal(add, packed_inputs(packed, torch.float32)[0])
     blocked = add[0, 0] < 0
     assert blocked[2, 1] and not blocked[3, 2] and blocked[2, 3]  # no look across examples, nor ahead
+
+
+def test_delay_answers_unmarks_the_first_tokens_of_each_answer():
+    from llm_modules.masks import delay_answers
+
+    a = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 0, 0, 1, 1]])
+    assert delay_answers(a, 0) is a
+    assert delay_answers(a, 1).tolist() == [[0, 0, 0, 1, 1, 0, 0, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0, 0, 1]]
+    assert delay_answers(a, 2).tolist() == [[0, 0, 0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0, 0, 0]]

@@ -56,6 +56,10 @@ class FactsConfig:
     distill_weight: float = 1.0
     """Knowledge-path module: weight of KL(source || module) at every position."""
     source_dtype: str = "float32"
+    answer_source_tokens: int = 1
+    """Prompt-conditioned module: answer tokens the source also reads (see ModuleConfig.answer_source_tokens). One
+    lets the source pick the start of a multi-token answer and its continuation (0: 71.5% against 85.6% for token
+    conditioning over 3 seeds; 1: see the README)."""
     max_new_tokens: int = 8
     progress: bool = True
     systems: tuple[str, ...] = (MODULE_PAPER, MODULE_KNOWLEDGE, MODULE_FAST, SMALL, KD, KD_TRANSFER, SOURCE)
@@ -88,7 +92,8 @@ def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Pat
                   val_data=str(data / "val.jsonl"), seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
                   lr_bridge=cfg.lr, lr_small=cfg.lr, warmup_steps=10, output_dir=str(run), progress=cfg.progress,
                   tensorboard=False, patience=0, max_length=128, feature_cache=True, cache_dir=str(data.parent.parent / "features"))
-    recipe.update(knowledge_path="logits" if knowledge else "none", distill_weight=distill, conditioning=conditioning)
+    recipe.update(knowledge_path="logits" if knowledge else "none", distill_weight=distill, conditioning=conditioning,
+                  answer_source_tokens=cfg.answer_source_tokens if conditioning == "prompt" else 0)
     desc = ("knowledge" if knowledge else "paper") + ("+kd" if distill else "") + f" {conditioning} s{seed}"
     Trainer(TrainConfig.from_dict(recipe), log=lambda s: None, desc=desc).fit()
     return LLMModule.from_pretrained(run / "best", large_model=source).eval()
@@ -149,6 +154,8 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
             model = source_lm
         record(name, complete(model, tok, prompts, cfg.max_new_tokens), time.perf_counter() - t)
         got[name]["per_token"] = per_token_parameters(model)
+        if isinstance(model, LLMModule) and model.config.conditioning == "prompt":
+            got[name]["answer_source_tokens"] = model.config.answer_source_tokens
     if SOURCE in cfg.systems:  # the selection itself: the bare cue, which the source states by construction
         record(SOURCE_CUE, complete(source_lm, tok, [f.cue for f in split.test], cfg.max_new_tokens), 0.0)
         got[SOURCE_CUE]["per_token"] = per_token_parameters(source_lm)
@@ -213,7 +220,9 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             hits, n = sum(v["hits"] for v in vs), sum(v["n"] for v in vs)
             table[name][part] = {"mean": statistics.mean(ems) if ems else None, "min": min(ems, default=None),
                                  "max": max(ems, default=None), "n": n, "ci95": wilson(hits, n)}
-        table[name]["per_token"] = next(iter(runs.values()))[name].get("per_token")
+        first = next(iter(runs.values()))[name]
+        table[name]["per_token"] = first.get("per_token")
+        table[name]["answer_source_tokens"] = first.get("answer_source_tokens")
     return table
 
 
@@ -264,6 +273,8 @@ def facts_report(summary: dict[str, Any]) -> str:
              "| system | test EM | unseen answers | seen answers | params run per new token |", "|---|---|---|---|---:|"]
     for name, t in table.items():
         cost = f"{t['per_token']:,}" if t.get("per_token") else "n/a"
+        if t.get("answer_source_tokens"):
+            cost += f" (+ the source on the first {t['answer_source_tokens']} answer token(s))"
         lines.append(f"| {name} | " + " | ".join(_cell(t[p]) for p in parts) + f" | {cost} |")
     lines += ["", "## Per relation (test EM)", "", "| system | " + " | ".join(r[10:] for r in relations) + " |",
               "|---|" + "---|" * len(relations)]
