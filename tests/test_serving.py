@@ -264,3 +264,38 @@ def test_model_specs():
     assert parse_model_specs(["a=/x/y", "/runs/m1/best"]) == [("a", "/x/y"), ("m1", "/runs/m1/best")]
     with pytest.raises(ValueError, match="given twice"):
         parse_model_specs(["a=/x", "a=/y"])
+
+
+def test_batches_never_outgrow_the_context():
+    """Rows are left-padded to the longest prompt and decoded for the largest max_tokens: a long prompt with a
+    short answer and a short prompt with a long answer must not share a batch past the context."""
+    from llm_modules.data import Example
+    from llm_modules.serving.engine import split_batches
+
+    def req(n_prompt, max_tokens):
+        return Request("m", Example([1] * n_prompt, [-100] * n_prompt), max_tokens, lambda k, v: None)
+
+    long_prompt, long_answer, small = req(200, 10), req(10, 200), req(20, 20)
+    assert [len(b) for b in split_batches([long_prompt, long_answer, small], 16, 256)] == [1, 2]
+    assert [len(b) for b in split_batches([long_prompt, long_answer], 16, None)] == [2]
+    assert [len(b) for b in split_batches([small] * 5, 2, 256)] == [2, 2, 1]
+
+
+def test_a_long_prompt_and_a_long_answer_arriving_together_both_succeed(server):
+    bodies = [{"model": "alpha", "messages": [{"role": "user", "content": "x " * 100}], "temperature": 0,
+               "max_tokens": 8},
+              {"model": "alpha", "messages": MSGS, "temperature": 0, "max_tokens": 200}]
+    window = server.engine.batch_window
+    server.engine.batch_window = 0.3
+
+    async def together():
+        transport = httpx.ASGITransport(app=create_app(server, load=False))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
+
+    try:
+        server.cfg.max_answer_tokens, saved = 200, server.cfg.max_answer_tokens
+        rs = asyncio.run(together())
+    finally:
+        server.engine.batch_window, server.cfg.max_answer_tokens = window, saved
+    assert [r.status_code for r in rs] == [200, 200], [r.text for r in rs]

@@ -106,6 +106,28 @@ def fail(requests: list[Request], message: str) -> None:
             r.emit("error", message)
 
 
+def context_limit(module: Any) -> int | None:
+    """Positions a prompt plus its answer may take: the trunk's and the source's limits."""
+    limits = [module.generation.position_limit,
+              getattr(module.source.model.config, "max_position_embeddings", None) if module.source is not None else None]
+    limits = [x for x in limits if x]
+    return min(limits) if limits else None
+
+
+def split_batches(reqs: list[Request], max_batch: int, limit: int | None) -> list[list[Request]]:
+    """Requests in arrival order, grouped so that each batch's longest prompt plus its largest max_tokens fits the
+    context (rows are left-padded to the longest prompt and decoded for the largest max_tokens)."""
+    batches: list[list[Request]] = []
+    for r in reqs:
+        b = batches[-1] if batches else None
+        if b is not None and len(b) < max_batch and (limit is None or max(len(x.prompt.input_ids) for x in [*b, r])
+                                                     + max(x.max_tokens for x in [*b, r]) <= limit):
+            b.append(r)
+        else:
+            batches.append([r])
+    return batches
+
+
 class Engine:
     def __init__(self, modules: dict[str, Any], batch_window: float = 0.01, max_batch: int = 16,
                  threads: int | None = None):
@@ -149,8 +171,7 @@ class Engine:
         self._pending = []
         for key, reqs in groups.items():
             module = self.modules[key[0]]
-            for i in range(0, len(reqs), self.max_batch):
-                batch = reqs[i : i + self.max_batch]
+            for batch in split_batches(reqs, self.max_batch, context_limit(module)):
                 try:
                     self._cohorts.append(Cohort(module, batch))
                 except Exception as e:  # a bad prompt fails its requests, never the engine

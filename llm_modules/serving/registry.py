@@ -17,6 +17,7 @@ from ..config import ModuleConfig
 from ..data import default_stop_strings
 from ..model import LLMModule, check_fingerprint, module_config_path
 from ..source import KnowledgeSource, load_causal_lm
+from .engine import context_limit
 
 
 @dataclass
@@ -52,10 +53,7 @@ class ServedModule:
     @property
     def context_limit(self) -> int | None:
         """Positions a prompt plus its answer may take (the trunk's and the source's limits)."""
-        limits = [self.module.generation.position_limit,
-                  getattr(self.module.source.model.config, "max_position_embeddings", None)]
-        limits = [x for x in limits if x]
-        return min(limits) if limits else None
+        return context_limit(self.module)
 
 
 def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
