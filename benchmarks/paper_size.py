@@ -4,9 +4,12 @@ Qwen2-1.5B shapes (the frozen knowledge source, in bf16) + GPT-Neo-125M shapes (
 the paper tokenizer's 151,646 entries. Measures, through the project's own Trainer and decoder:
   - K training steps at SEQ tokens (batch 1, chunked loss), without and with gradient checkpointing:
     seconds per step and peak memory;
-  - cached generation: prefill of a PROMPT-token prompt, then 32 new tokens: seconds per token.
+  - cached generation: prefill of a PROMPT-token prompt, then 32 new tokens: seconds per token, for the paper's
+    token conditioning and for prompt conditioning (fast mode) on the same source, beside the source alone
+    through transformers' `generate`.
 
     python benchmarks/paper_size.py                 # CPU (2 cores: about 10 minutes)
+    python benchmarks/paper_size.py --skip-train --generation-dtype bfloat16   # generation only, all in bf16
     python benchmarks/paper_size.py --device cuda   # one GPU (bf16 autocast)
 """
 
@@ -72,13 +75,32 @@ class PeakMemory:
         return self.peak / 2**30
 
 
-def build(device: str) -> LLMModule:
+def build(device: str) -> tuple[LLMModule, torch.nn.Module]:
+    """(the module, the large causal LM it wraps as its source)."""
     torch.manual_seed(0)
     large = AutoModelForCausalLM.from_config(Qwen2Config(**PAPER_LARGE), dtype=torch.bfloat16)
+    return module_on(large, device), large.to(device)
+
+
+def module_on(large: torch.nn.Module, device: str, **kw: object) -> LLMModule:
+    """A random-init bridge, GPT-Neo-125M trunk and head on `large` (shared, not copied)."""
     trunk = AutoModel.from_config(GPTNeoConfig(**PAPER_SMALL))
     cfg = ModuleConfig(large_model="paper-qwen2-1.5b-shapes", vocab_size=PAPER_TOKENIZER_LEN, init_small="scratch",
-                       source_dtype="bfloat16")
+                       source_dtype="bfloat16", **kw)
     return LLMModule(cfg, trunk, KnowledgeSource(large, "paper-qwen2-1.5b-shapes")).to(device)
+
+
+@torch.no_grad()
+def source_alone(large: torch.nn.Module, device: str, prompt: int, new: int) -> float:
+    """Seconds per new token of the large model alone through transformers' cached `generate` (prefill excluded)."""
+    ids = torch.randint(10, PAPER_TOKENIZER_LEN, (1, prompt), generator=torch.Generator().manual_seed(2)).to(device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    t = time.perf_counter()
+    large.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    large.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+    return (time.perf_counter() - t - prefill) / (new - 1)
 
 
 def train_steps(module: LLMModule, device: str, seq: int, steps: int, checkpointing: bool) -> tuple[list[float], float]:
@@ -135,24 +157,41 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--skip-train", action="store_true", help="generation only")
+    ap.add_argument("--generation-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the trained parts while generating (the source is bf16 throughout)")
     args = ap.parse_args()
     quiet()
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     t = time.perf_counter()
     with PeakMemory(args.device) as mem:
-        module = build(args.device)
+        module, large = build(args.device)
     counts = {"source": sum(p.numel() for p in module.source.parameters()),
               "trained": sum(p.numel() for _, p in module.trainable_named_parameters())}
     print(f"built in {time.perf_counter() - t:.0f} s: source {counts['source']:,} (bf16), trained {counts['trained']:,} "
           f"(fp32); peak {mem.gib:.2f} GiB")
-    for ckpt in (False, True):
+    for ckpt in () if args.skip_train else (False, True):
         times, gib = train_steps(module, args.device, args.seq, args.steps, ckpt)
         mean = sum(times) / len(times)
         print(f"train step, {args.seq} tokens, gradient checkpointing {'on ' if ckpt else 'off'}: "
               f"{mean:.2f} s/step (steps: {', '.join(f'{x:.2f}' for x in times)}); peak {gib:.2f} GiB")
-    prefill, per_token, gib = generation(module, args.device, args.prompt, args.new)
+    dtype = getattr(torch, args.generation_dtype)
+    fast = module_on(large, args.device, conditioning="prompt")  # the same source, prompt conditioning
+    for m in (module, fast):
+        m.bridge.to(dtype), m.generation.to(dtype)
+    # Three rounds, the sides alternating so drift on a shared machine hits them alike; each side's best round.
+    rounds = [(generation(module, args.device, args.prompt, args.new), generation(fast, args.device, args.prompt, args.new),
+               source_alone(large, args.device, args.prompt, args.new)) for _ in range(3)]
+    (prefill, per_token, gib), (prefill_p, per_token_p, gib_p), alone = min(
+        (r[0] for r in rounds), key=lambda x: x[1]), min((r[1] for r in rounds), key=lambda x: x[1]), min(r[2] for r in rounds)
+    print(f"trained parts in {args.generation_dtype} while generating; best of 3 rounds")
     print(f"generation: prefill {args.prompt} tokens {prefill:.2f} s; {per_token:.3f} s per new token "
           f"({args.new} cached steps); peak {gib:.2f} GiB")
+    print(f"generation, prompt conditioning: prefill {prefill_p:.2f} s; {per_token_p:.3f} s per new token; "
+          f"peak {gib_p:.2f} GiB")
+    print(f"the source alone (transformers generate, its 151,936-way head included): {alone:.3f} s per new token")
+    print(f"per new token: token conditioning {per_token / alone:.2f}x the source alone, "
+          f"prompt conditioning {per_token_p / alone:.2f}x")
 
 
 if __name__ == "__main__":
