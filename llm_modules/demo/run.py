@@ -50,7 +50,7 @@ FAST = "LLM Module, prompt conditioning (source reads the prompt only)"
 
 @dataclass
 class DemoConfig:
-    """Sizes and budgets of the demo; the defaults run one seed in 9 to 14 minutes on 2 CPU cores."""
+    """Sizes and budgets of the demo; the defaults run one seed in 8 to 11 minutes on 2 CPU cores."""
 
     seed: int = 0
     out: str = "demo_out"
