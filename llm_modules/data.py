@@ -350,6 +350,22 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int = 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "answer_mask": answer}
 
 
+def left_padded(prompts: Sequence[Example], pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """input_ids, attention_mask and answer_mask [B, T] of prompts (see `encode_prompt`), padded on the left
+    so every row's next token comes at the same position."""
+    T = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    answer = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        n = len(p.input_ids)
+        ids[i, T - n:] = torch.tensor(p.input_ids)
+        mask[i, T - n:] = 1
+        if p.answer:
+            answer[i, T - n:] = torch.tensor(p.answer)
+    return ids, mask, answer
+
+
 # -- prompts at inference ---------------------------------------------------------------------
 def build_prompt(tokenizer: Any, fmt: str, question: str, history: Sequence[tuple[str, str]] = (),
                  system: str | None = None) -> str:

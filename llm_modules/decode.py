@@ -67,23 +67,28 @@ def cut_text(text: str, stop_strings: Sequence[str] = (), eos: str | None = None
     return text[: min(ends)] if ends else text
 
 
+def context_limit(module: Any) -> int | None:
+    """Positions a prompt plus its answer may take: the trunk's and the source's position limits."""
+    src = getattr(module.source.model.config, "max_position_embeddings", None) if module.source is not None else None
+    limits = [x for x in (module.generation.position_limit, src) if x]
+    return min(limits) if limits else None
+
+
 def prepare_prompt(module: Any, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
                    truncate: str | None = None) -> tuple[Tensor, Tensor]:
     """Check the prompt fits the context; with truncate='left' cut it from the left, with a warning
     (callers holding an answer mask cut it to the returned length)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    limit = module.generation.position_limit
-    src_limit = getattr(module.source.model.config, "max_position_embeddings", None) if module.source is not None else None
-    limits = [x for x in (limit, src_limit) if x]
-    if limits:
-        room = min(limits) - max_new_tokens
+    limit = context_limit(module)
+    if limit:
+        room = limit - max_new_tokens
         longest = int(attention_mask.sum(-1).max())
         if longest > room:
             if truncate != "left" or room <= 0:
                 raise ValueError(
                     f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the context limit of "
-                    f"{min(limits)} positions; shorten it or cut it with --truncate left"
+                    f"{limit} positions; shorten it or cut it with --truncate left"
                 )
             warnings.warn(f"prompt cut from the left: {longest} -> {room} tokens to fit the context limit", stacklevel=3)
             input_ids, attention_mask = input_ids[:, -room:], attention_mask[:, -room:]

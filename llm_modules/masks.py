@@ -77,11 +77,9 @@ def delay_answers(answer_mask: Tensor, n: int) -> Tensor:
     """`answer_mask` with the first `n` tokens of each answer span unmarked (read by the source, as prompt)."""
     if n <= 0:
         return answer_mask
-    a = answer_mask > 0
-    idx = torch.arange(a.shape[-1], device=a.device).expand_as(a)
-    # Position where the current answer span started: the last non-answer position + 1, carried forward.
-    start = torch.where(a, torch.full_like(idx, -1), idx).cummax(-1).values + 1
-    return (a & (idx - start >= n)).to(answer_mask.dtype)
+    idx = torch.arange(answer_mask.shape[-1], device=answer_mask.device).expand_as(answer_mask)
+    start = prompt_limits(answer_mask) + 1  # inside an answer: its first position
+    return ((answer_mask > 0) & (idx - start >= n)).to(answer_mask.dtype)
 
 
 def cross_attention_mask(

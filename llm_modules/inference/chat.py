@@ -42,7 +42,7 @@ def answer(module: Any, prompt: str | Example, gen_kwargs: dict[str, Any], on_to
     answers = torch.tensor([prompt.answer or [0] * ids.shape[1]], device=module.device)
     ids, mask = prepare_prompt(module, ids, torch.ones_like(ids), gen_kwargs.get("max_new_tokens", 256), truncate)
     out: list[int] = []
-    for nxt, _, finished in decode(module, ids, mask, answer_mask=answers[:, -ids.shape[1]:], **gen_kwargs):
+    for nxt, _, finished in decode(module, ids, mask, answer_mask=answers, **gen_kwargs):  # decode cuts it to ids
         t = int(nxt[0])
         out.append(t)
         if t != tok.eos_token_id:

@@ -8,9 +8,10 @@ import re
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor
 
-from ..data import DataError, Example, Formatter, encode_prompt, ensure_pad_token, iter_rows, pad_id, parse_row
+from ..data import (
+    DataError, Example, Formatter, encode_prompt, ensure_pad_token, iter_rows, left_padded, pad_id, parse_row,
+)
 from ..decode import cut_text
 from ..loss import evaluate_loss
 
@@ -49,44 +50,24 @@ def load_any(path: str) -> Any:
     return model
 
 
-def left_padded(prompts: Sequence[Example], pad: int) -> tuple[Tensor, Tensor, Tensor]:
-    """input_ids, attention_mask and answer_mask [B, T] of encoded prompts, padded on the left."""
-    T = max(len(p.input_ids) for p in prompts)
-    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    answer = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        n = len(p.input_ids)
-        ids[i, T - n:] = torch.tensor(p.input_ids)
-        mask[i, T - n:] = 1
-        if p.answer:
-            answer[i, T - n:] = torch.tensor(p.answer)
-    return ids, mask, answer
-
-
 @torch.no_grad()
 def answer_prompts(model: Any, prompts: Sequence[str | Example], max_new_tokens: int = 256, batch_size: int = 8,
                    stop_strings: Sequence[str] = ("<|end_of_solution|>",)) -> list[str]:
     """Greedy answers of an LLM Module or a plain causal LM to already formatted prompts: text, or token ids
     with the answer mask of earlier turns (`data.encode_prompt`)."""
     tok = ensure_pad_token(model.tokenizer)
-    side = tok.padding_side
-    tok.padding_side = "left"
     out: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            batch = [p if isinstance(p, Example) else encode_prompt(tok, "raw", p) for p in prompts[i : i + batch_size]]
-            ids, mask, answers = left_padded(batch, tok.pad_token_id)
-            if hasattr(model, "bridge"):
-                gen = model.generate(ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
-                                     stop_strings=list(stop_strings), answer_mask=answers.to(model.device))
-            else:
-                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            rows = tok.batch_decode(gen[:, ids.shape[1]:].cpu(), skip_special_tokens=False)
-            out += [cut_text(row, stop_strings, tok.eos_token) for row in rows]
-    finally:
-        tok.padding_side = side
+    for i in range(0, len(prompts), batch_size):
+        batch = [p if isinstance(p, Example) else encode_prompt(tok, "raw", p) for p in prompts[i : i + batch_size]]
+        ids, mask, answers = left_padded(batch, tok.pad_token_id)
+        if hasattr(model, "bridge"):
+            gen = model.generate(ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
+                                 stop_strings=list(stop_strings), answer_mask=answers.to(model.device))
+        else:
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        rows = tok.batch_decode(gen[:, ids.shape[1]:].cpu(), skip_special_tokens=False)
+        out += [cut_text(row, stop_strings, tok.eos_token) for row in rows]
     return out
 
 

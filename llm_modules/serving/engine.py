@@ -22,9 +22,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..decode import decode
-from ..inference.evaluate import left_padded
-from ..data import Example, pad_id
+from ..data import Example, left_padded, pad_id
+from ..decode import context_limit, decode
 
 
 @dataclass
@@ -104,14 +103,6 @@ def fail(requests: list[Request], message: str) -> None:
         if not r.done:
             r.done = True
             r.emit("error", message)
-
-
-def context_limit(module: Any) -> int | None:
-    """Positions a prompt plus its answer may take: the trunk's and the source's limits."""
-    limits = [module.generation.position_limit,
-              getattr(module.source.model.config, "max_position_embeddings", None) if module.source is not None else None]
-    limits = [x for x in limits if x]
-    return min(limits) if limits else None
 
 
 def split_batches(reqs: list[Request], max_batch: int, limit: int | None) -> list[list[Request]]:

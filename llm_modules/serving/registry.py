@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 from ..config import ModuleConfig
 from ..data import default_stop_strings
+from ..decode import context_limit
 from ..model import LLMModule, check_fingerprint, module_config_path
 from ..source import KnowledgeSource, load_causal_lm
-from .engine import context_limit
 
 
 @dataclass
@@ -27,7 +27,6 @@ class ServedModule:
     name: str
     module: LLMModule
     path: str
-    source_key: str  # modules with the same key share one loaded source
     created: int = 0
 
     @property
@@ -115,6 +114,6 @@ def load_registry(specs: list[tuple[str, str]], log: Callable[[str], None] = pri
                                  keep_head=cfg.knowledge_path != "none")
         check_fingerprint(cfg.fingerprint, source.fingerprint(), path)
         module = LLMModule.from_pretrained(path, source, ignore_fingerprint=True).eval()  # checked just above
-        reg.modules[name] = ServedModule(name, module, path, key, int(time.time()))
+        reg.modules[name] = ServedModule(name, module, path, int(time.time()))
         log(f"module {name!r} from {path} (source {cfg.large_model}, conditioning {cfg.conditioning})")
     return reg
