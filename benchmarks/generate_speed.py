@@ -1,7 +1,8 @@
 """Seconds per new token: (a) our cached decoding, (b) full recomputation every step (the reference's
 way), (c) the large model alone through transformers' cached `generate`, (d) a module with prompt
 conditioning (the source reads the prompt once; each new token runs the bridge layers, the trunk and the
-head only). Measured side by side in one run, on the same source weights.
+head only), (e) the same with the knowledge lookup (also a pointer over the source's top-k predictions at
+the prompt positions). Measured side by side in one run, on the same source weights.
 
     python benchmarks/generate_speed.py [--prompt 256] [--new 128] [--threads 2]
     python benchmarks/generate_speed.py --large-hidden 1024 --large-layers 6 --skip-reference   # paper-like ratio
@@ -17,6 +18,7 @@ import torch
 from common import VOCAB, mid_module, quiet
 from llm_modules.decode import decode
 from llm_modules.info import parameter_counts
+from llm_modules.source import KnowledgeSource
 
 
 def timed(fn) -> float:
@@ -41,8 +43,11 @@ def main() -> None:
     module, large = mid_module(large_hidden=args.large_hidden, large_layers=args.large_layers)
     fast, _ = mid_module(large_hidden=args.large_hidden, with_source=False, conditioning="prompt")
     fast.source = module.source  # one source, shared (as the server shares it)
+    lookup, _ = mid_module(large_hidden=args.large_hidden, with_source=False, conditioning="prompt",
+                           knowledge_path="lookup")
+    lookup.source = KnowledgeSource(large, "mid-qwen2", keep_head=True)  # the same model, with its head
     dtype = getattr(torch, args.dtype)
-    module.to(dtype), large.to(dtype), fast.to(dtype)  # the modules share the large model's weights
+    module.to(dtype), large.to(dtype), fast.to(dtype), lookup.to(dtype)  # the modules share the large model's weights
     ids = torch.randint(0, VOCAB, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     n_ref = args.reference_new or args.new
 
@@ -57,14 +62,15 @@ def main() -> None:
             large.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                            min_new_tokens=args.new, do_sample=False, pad_token_id=0)
 
-    ours(4)(), ours(4, fast)(), large_alone()  # warm-up
+    ours(4)(), ours(4, fast)(), ours(4, lookup)(), large_alone()  # warm-up
     # Alternate the sides so drift on a shared machine hits them alike; keep each side's best.
-    a, c, d = [], [], []
+    a, c, d, e = [], [], [], []
     for _ in range(3):
         a.append(timed(ours(args.new)) / args.new)
         c.append(timed(large_alone) / args.new)
         d.append(timed(ours(args.new, fast)) / args.new)
-    a, c, d = min(a), min(c), min(d)
+        e.append(timed(ours(args.new, lookup)) / args.new)
+    a, c, d, e = min(a), min(c), min(d), min(e)
     counts = parameter_counts(fast)
     src = counts["source (frozen)"]
     print(f"source {args.large_hidden}x{args.large_layers} ({src / 1e6:.1f}M), small 256x4, vocab {VOCAB}; "
@@ -78,7 +84,8 @@ def main() -> None:
         print(f"    speed-up a vs b: {b / a:.1f}x")
     print(f"(c) large model alone (HF)    {c:.4f} s/token")
     print(f"(d) cached decoding, prompt   {d:.4f} s/token")
-    print(f"a / c: {a / c:.2f}    d / c: {d / c:.2f}    d / a: {d / a:.2f}")
+    print(f"(e) prompt + knowledge lookup {e:.4f} s/token")
+    print(f"a / c: {a / c:.2f}    d / c: {d / c:.2f}    d / a: {d / a:.2f}    e / c: {e / c:.2f}")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,12 @@ class ModuleConfig:
     """`none`: the paper's design (the new head alone writes the logits). `logits`: the source's own
     next-token log-probabilities, gated per position, are added to the module's logits, and the new
     head starts at zero so the module starts as the source (llm_modules.knowledge). Reads the source's
-    final states: needs source_layer -1."""
+    final states: needs source_layer -1. `lookup`: each position attends over the source positions it may
+    read and adds the gated log of a mixture of the source's next-token predictions there (a pointer to
+    what the source predicted where; the new head keeps its usual start). Works under prompt conditioning,
+    where the source never predicts answer tokens itself."""
+    lookup_top_k: int = 32
+    """knowledge_path `lookup`: how many of the source's most likely next tokens are kept per source position."""
     conditioning: str = "token"
     """`token`: the paper's design, the source reads every token (answers included) and runs once per
     generated token. `prompt` (fast mode): answer tokens never reach the source; inside an answer the
@@ -125,7 +130,7 @@ class ModuleConfig:
     def ties_answer_embeddings(self) -> bool:
         """`tie_answer_embeddings` resolved (None: tied unless the knowledge path zero-initialises the head)."""
         if self.tie_answer_embeddings is None:
-            return self.knowledge_path == "none"
+            return self.knowledge_path != "logits"
         return self.tie_answer_embeddings
 
     @property
@@ -141,14 +146,18 @@ class ModuleConfig:
         _check("gate_init", self.gate_init, ("paper", "closed"))
         _check("source_dtype", self.source_dtype, DTYPES)
         _check("attention", self.attention, ATTENTION)
-        _check("knowledge_path", self.knowledge_path, ("none", "logits"))
+        _check("knowledge_path", self.knowledge_path, ("none", "logits", "lookup"))
         _check("conditioning", self.conditioning, ("token", "prompt"))
         if self.conditioning == "prompt" and self.attention != "causal":
             raise ValueError("conditioning 'prompt' needs attention 'causal'")
         if not isinstance(self.answer_source_tokens, int) or self.answer_source_tokens < 0:
             raise ValueError(f"answer_source_tokens must be an integer >= 0, got {self.answer_source_tokens!r}")
         if self.knowledge_path != "none" and self.source_layer != -1:
-            raise ValueError("knowledge_path 'logits' reads the source's final states: set source_layer to -1")
+            raise ValueError(f"knowledge_path {self.knowledge_path!r} reads the source's final states: set source_layer to -1")
+        if self.knowledge_path == "lookup" and self.attention != "causal":
+            raise ValueError("knowledge_path 'lookup' needs attention 'causal'")
+        if not isinstance(self.lookup_top_k, int) or self.lookup_top_k < 1:
+            raise ValueError(f"lookup_top_k must be an integer >= 1, got {self.lookup_top_k!r}")
         for name in ("num_layers", "num_heads", "adapter_dim"):
             if getattr(self, name) < (0 if name == "num_layers" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -192,8 +201,8 @@ class ModuleConfig:
 
 # Keys a recipe may set on the module (the rest are filled in by building and saving it).
 MODULE_KEYS = ("large_model", "small_model", "init_small", "source_layer", "num_layers", "num_heads", "adapter_dim",
-               "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype", "knowledge_path", "conditioning",
-               "answer_source_tokens", "tie_answer_embeddings")
+               "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype", "knowledge_path", "lookup_top_k",
+               "conditioning", "answer_source_tokens", "tie_answer_embeddings")
 PROMPT_KEYS = ("format", "system_prompt", "loss_on")
 
 

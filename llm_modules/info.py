@@ -34,13 +34,18 @@ def parameter_counts(module: LLMModule) -> dict[str, int]:
     counts["head"] = _count(gen.lm_head)
     if module.knowledge is not None:
         counts["knowledge path gate"] = _count(module.knowledge)
-    counts["trained"] = counts["bridge"] + counts["small trunk"] + counts["head"] + counts.get("knowledge path gate", 0)
+    if module.lookup is not None:
+        counts["knowledge lookup"] = _count(module.lookup)
+    counts["trained"] = (counts["bridge"] + counts["small trunk"] + counts["head"] + counts.get("knowledge path gate", 0)
+                         + counts.get("knowledge lookup", 0))
     counts["inference"] = counts["trained"] + counts.get("source (frozen)", 0)
     # Run for each generated token: token conditioning (the paper's) steps the source too; prompt
-    # conditioning runs only the bridge's cross-attention layers, the trunk and the head.
+    # conditioning runs only the bridge's cross-attention layers, the trunk, the head and the lookup's
+    # query and gate (its keys and the source's predictions were computed with the prompt).
     counts["per-token (token)"] = counts["inference"]
+    lookup = _count(module.lookup.query) + _count(module.lookup.scale) if module.lookup is not None else 0
     counts["per-token (prompt)"] = (sum(counts[f"bridge.layers.{i}"] for i in range(len(b.layers)))
-                                    + counts["small trunk"] + counts["head"])
+                                    + counts["small trunk"] + counts["head"] + lookup)
     return counts
 
 

@@ -10,17 +10,30 @@ logits, scaled per position by a learned gate:
 
 With the new head zero-initialised and scale starting at 1, the module starts as the source
 (a product of experts with nothing but the source) and training learns what to add or take away.
+
+`lookup` generalises it to positions where the source has not predicted the next token itself: under prompt
+conditioning the source never reads the answer, and the fact a question asks for may be predicted anywhere in the
+prompt (after "Recall: The capital of Japan is", not after the chat markers that end it). Position t attends over
+the source positions it may read (the bridge's own cross-attention mask) and takes a mixture of the source's
+next-token distributions there (each kept as its top k):
+
+    logits_t = head(h_t) + scale(h_t) * log(sum_j a_tj p_source(. | j) + eps),   a_t = softmax_j(q(h_t) . k(H_j))
+
+A pointer to what the source predicted where: it costs no source step and no vocabulary-sized matrix product per
+generated token (t attends over at most T_prompt * k stored entries).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KNOWLEDGE_PATHS = ("none", "logits")
+KNOWLEDGE_PATHS = ("none", "logits", "lookup")
 
 
 class KnowledgePath(nn.Module):
@@ -28,9 +41,7 @@ class KnowledgePath(nn.Module):
 
     def __init__(self, stream_dim: int):
         super().__init__()
-        self.scale = nn.Linear(stream_dim, 1)
-        nn.init.zeros_(self.scale.weight)
-        nn.init.constant_(self.scale.bias, math.log(math.e - 1.0))  # softplus(b) = 1 at the start
+        self.scale = _gate(stream_dim)
 
     def forward(self, hidden: Tensor, source_logits: Tensor, vocab_size: int) -> Tensor:
         """scale(h) * log p_source, over the module's vocabulary; hidden [.., S], source_logits [.., V_source]."""
@@ -41,6 +52,69 @@ class KnowledgePath(nn.Module):
             # Tokens the source cannot predict (added to the tokenizer after it was trained): very unlikely.
             logp = F.pad(logp, (0, vocab_size - logp.shape[-1]), value=-30.0)
         return F.softplus(self.scale(hidden)).float() * logp
+
+
+def _gate(stream_dim: int) -> nn.Linear:
+    """softplus(w.h + b) with w = 0 and softplus(b) = 1: the knowledge term starts at full weight."""
+    scale = nn.Linear(stream_dim, 1)
+    nn.init.zeros_(scale.weight)
+    nn.init.constant_(scale.bias, math.log(math.e - 1.0))
+    return scale
+
+
+@dataclass
+class LookupMemory:
+    """What a lookup reads at source positions: attention keys and the source's top-k next-token predictions."""
+
+    keys: Tensor  # [B, Ts, D]
+    ids: Tensor  # [B, Ts, k] token ids
+    probs: Tensor  # [B, Ts, k] their probabilities (float32)
+
+    def extend(self, more: "LookupMemory") -> "LookupMemory":
+        """Memory over more source positions (decoding in token conditioning: the source read new tokens)."""
+        return LookupMemory(*(torch.cat([a, b], 1) for a, b in
+                              ((self.keys, more.keys), (self.ids, more.ids), (self.probs, more.probs))))
+
+
+class KnowledgeLookup(nn.Module):
+    """Attention from the module's states to source positions, whose values are the source's predictions there."""
+
+    EPS = 1e-6  # floor of the mixture: a token no attended position predicts gets log(eps), not -inf
+    CHUNK = 256  # query rows per chunk: memory is rows x Ts x k
+
+    def __init__(self, stream_dim: int, source_dim: int, key_dim: int = 64, top_k: int = 32):
+        super().__init__()
+        self.top_k = top_k
+        self.query = nn.Linear(stream_dim, key_dim)
+        self.key = nn.Linear(source_dim, key_dim)
+        self.scale = _gate(stream_dim)
+
+    def memory(self, source_states: Tensor, source_logits: Callable[[Tensor], Tensor]) -> LookupMemory:
+        """Keys and top-k predictions of every source position; `source_logits` is the source's frozen head
+        (run over chunks of positions, so the [B, T, V_source] logits never exist at once)."""
+        ids, probs = [], []
+        with torch.no_grad():  # the source and its head are frozen; only keys carry gradients
+            for chunk in source_states.split(self.CHUNK, dim=1):
+                top = source_logits(chunk).float().log_softmax(-1).topk(self.top_k, dim=-1)
+                ids.append(top.indices)
+                probs.append(top.values.exp())
+        return LookupMemory(self.key(source_states.to(self.key.weight.dtype)), torch.cat(ids, 1), torch.cat(probs, 1))
+
+    def forward(self, hidden: Tensor, memory: LookupMemory, rows: Tensor, allowed: Tensor, vocab_size: int) -> Tensor:
+        """scale(h) * log(mixture) [N, V] for N query states `hidden` [N, S]; `rows` [N] is each query's batch row
+        and `allowed` [N, Ts] the source positions it may read."""
+        out = []
+        for h, b, ok in zip(hidden.split(self.CHUNK), rows.split(self.CHUNK), allowed.split(self.CHUNK)):
+            q = self.query(h).float()
+            scores = torch.einsum("nd,ntd->nt", q, memory.keys[b].float()) / math.sqrt(q.shape[-1])
+            att = scores.masked_fill(~ok, float("-inf")).softmax(-1)
+            ids = memory.ids[b].flatten(1)
+            # Source rows past the module's vocabulary (embedding padding) are never real tokens: dropped.
+            weights = (att[..., None] * memory.probs[b]).flatten(1) * (ids < vocab_size)
+            mix = weights.new_zeros(len(h), vocab_size)
+            mix.scatter_add_(1, ids.clamp_max(vocab_size - 1), weights)
+            out.append(F.softplus(self.scale(h)).float() * (mix + self.EPS).log())
+        return torch.cat(out)
 
 
 def distill_loss(logits: Tensor, source_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from .bridge import Bridge
 from .config import ModuleConfig, position_limit
-from .knowledge import KnowledgePath, distill_loss
+from .knowledge import KnowledgeLookup, KnowledgePath, LookupMemory, distill_loss
 from .io import atomic_dir, read_safetensors
 from .loss import shifted_loss
 from .masks import cross_attention_mask, decoder_inputs, delay_answers, position_ids_from_mask, prompt_limits
@@ -93,6 +93,7 @@ class DecodeState:
     bridge_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, [B, H, T, Dh]
     source_mask: Tensor | None = None  # [B, Ts] over what the source has read (prompt conditioning: the prompt)
     answer_fed: int = 0  # tokens fed after the prompt (prompt conditioning: the first `answer_source_tokens` reach the source)
+    lookup: LookupMemory | None = None  # knowledge lookup: keys and top-k predictions of the source positions read
 
     @property
     def length(self) -> int:
@@ -140,11 +141,14 @@ class LLMModule(nn.Module):
         if config.conditioning == "prompt" and not config.ties_answer_embeddings:
             self.answer_embed = nn.Embedding(config.vocab_size, self.generation.hidden_size)
         self.knowledge = None
+        self.lookup = None
         if config.knowledge_path == "logits":
             self.knowledge = KnowledgePath(self.generation.hidden_size)
             nn.init.zeros_(self.generation.lm_head.weight)  # start as the source; learn what to change
-            if source is not None and source.head is None:
-                raise ValueError("knowledge_path 'logits' needs the source's head: load it with keep_head=True")
+        elif config.knowledge_path == "lookup":
+            self.lookup = KnowledgeLookup(self.generation.hidden_size, L, top_k=config.lookup_top_k)
+        if config.knowledge_path != "none" and source is not None and source.head is None:
+            raise ValueError(f"knowledge_path {config.knowledge_path!r} needs the source's head: load it with keep_head=True")
         self.config.small_config = trunk.config.to_dict()
 
     # -- construction ---------------------------------------------------------------------
@@ -188,7 +192,7 @@ class LLMModule(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups: dict[str, list[nn.Parameter]] = {"bridge": [], "generation": []}
         for name, p in self.trainable_named_parameters():
-            groups["bridge" if name.startswith(("bridge.", "knowledge.")) else "generation"].append(p)
+            groups["bridge" if name.startswith(("bridge.", "knowledge.", "lookup.")) else "generation"].append(p)
         return groups
 
     def train(self, mode: bool = True) -> "LLMModule":
@@ -221,14 +225,34 @@ class LLMModule(nn.Module):
                              "source loaded with keep_head=True (feature caches hold states only)")
         return self.source.next_token_logits(source_states)
 
-    def output_logits(self, hidden: Tensor, source_logits: Tensor | None = None, answer: Tensor | None = None) -> Tensor:
+    def output_logits(self, hidden: Tensor, source_logits: Tensor | None = None, answer: Tensor | None = None,
+                      lookup: tuple[LookupMemory, Tensor, Tensor] | None = None) -> Tensor:
         """The module's next-token logits: the new head, plus the knowledge path when there is one
-        (not at answer positions under prompt conditioning, where the source has not run)."""
+        (not at answer positions under prompt conditioning, where the source has not run), or the
+        knowledge lookup: `lookup` = (memory, batch row [...], readable source positions [..., Ts]) for
+        `hidden` [..., S]."""
         logits = self.generation.lm_head(hidden)
         if self.knowledge is not None and source_logits is not None:
             extra = self.knowledge(hidden, source_logits, logits.shape[-1])
             logits = logits.float() + (extra if answer is None else extra.masked_fill(answer[..., None], 0.0))
+        if self.lookup is not None and lookup is not None:
+            memory, rows, allowed = lookup
+            S, V = hidden.shape[-1], logits.shape[-1]
+            extra = self.lookup(hidden.reshape(-1, S), memory, rows.reshape(-1), allowed.reshape(-1, allowed.shape[-1]), V)
+            logits = logits.float() + extra.view(*hidden.shape[:-1], V)
         return logits
+
+    def _lookup_inputs(self, source_states: Tensor, attention_mask: Tensor,
+                       answer: Tensor | None) -> tuple[LookupMemory, Tensor, Tensor] | None:
+        """(memory, rows, allowed) for every position of a whole-sequence forward: each position reads the
+        source positions the bridge lets it read."""
+        if self.lookup is None:
+            return None
+        B, T = attention_mask.shape
+        limit = prompt_limits(answer.long()) if answer is not None else None
+        allowed = cross_attention_mask(attention_mask, T, causal=True, key_limit=limit)[:, 0]
+        rows = torch.arange(B, device=attention_mask.device)[:, None].expand(B, T)
+        return self.lookup.memory(source_states, self._source_logits), rows, allowed
 
     def answer_embeddings(self, ids: Tensor) -> Tensor:
         """Prompt conditioning: the input embedding of answer tokens (the head's weight, unless untied)."""
@@ -285,15 +309,16 @@ class LLMModule(nn.Module):
             embeds = self.bridge(source_states, attention_mask, answer.long(), self.answer_embeddings(input_ids))
         trunk_mask, positions = decoder_inputs(attention_mask, embeds.dtype, reference=reference)
         hidden, _ = self.generation(embeds, trunk_mask, positions)
+        lookup = self._lookup_inputs(source_states, attention_mask, answer)
         if labels is not None and not return_logits and not distill_weight:
             # Training: logits only where there is a target (answers only, with assistant-only labels).
             out = ModuleOutput()
-            out.loss, out.num_tokens = self._target_loss(hidden, source_states, labels, loss_chunk_size, answer)
+            out.loss, out.num_tokens = self._target_loss(hidden, source_states, labels, loss_chunk_size, answer, lookup)
             return out
         src_logits = None
         if self.knowledge is not None or distill_weight:
             src_logits = self._source_logits(source_states)
-        out = ModuleOutput(logits=self.output_logits(hidden, src_logits, answer))
+        out = ModuleOutput(logits=self.output_logits(hidden, src_logits, answer, lookup))
         if labels is not None:
             out.loss, out.num_tokens = shifted_loss(labels, logits=out.logits)
             if distill_weight:
@@ -306,13 +331,16 @@ class LLMModule(nn.Module):
         return out
 
     def _target_loss(self, hidden: Tensor, source_states: Tensor, labels: Tensor, chunk_size: int | None,
-                     answer: Tensor | None = None) -> tuple[Tensor, int]:
+                     answer: Tensor | None = None,
+                     lookup: tuple[LookupMemory, Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
         """(mean shifted cross-entropy, targets), computing logits at target positions only."""
-        if self.knowledge is None:
+        if self.knowledge is None and lookup is None:
             return shifted_loss(labels, hidden=hidden, head_weight=self.generation.lm_head.weight, chunk_size=chunk_size)
         keep = labels[:, 1:] != -100
-        logits = self.output_logits(hidden[:, :-1][keep], self._source_logits(source_states[:, :-1][keep]),
-                                    None if answer is None else answer[:, :-1][keep])
+        src = self._source_logits(source_states[:, :-1][keep]) if self.knowledge is not None else None
+        if lookup is not None:
+            lookup = (lookup[0], lookup[1][:, :-1][keep], lookup[2][:, :-1][keep])
+        logits = self.output_logits(hidden[:, :-1][keep], src, None if answer is None else answer[:, :-1][keep], lookup)
         n = int(keep.sum())
         return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="sum") / max(n, 1), n
 
@@ -353,14 +381,26 @@ class LLMModule(nn.Module):
         state.bridge_kv = kvs
         answer = self._prompt_answers(answer_mask) if past == 0 else None
         if answer is None:
-            embeds = self.bridge.stream(p, kvs, cross_attention_mask(mask, n, causal=True, past_len=past))
+            xmask = cross_attention_mask(mask, n, causal=True, past_len=past)
+            embeds = self.bridge.stream(p, kvs, xmask)
         else:
             xmask = cross_attention_mask(mask, n, causal=True, key_limit=prompt_limits(answer.long()))
             embeds = self.bridge.stream(p, kvs, xmask, self.answer_embeddings(new_ids), answer)
         hidden, state.trunk_cache = self.generation(embeds, mask, positions, cache=state.trunk_cache, use_cache=True)
         src_logits = self._source_logits(h[:, -1]) if self.knowledge is not None else None
         state.source_mask = mask
-        return self.output_logits(hidden[:, -1], src_logits).float(), state
+        return self.output_logits(hidden[:, -1], src_logits, lookup=self._lookup_step(h, xmask, state)).float(), state
+
+    def _lookup_step(self, new_states: Tensor | None, xmask: Tensor,
+                     state: DecodeState) -> tuple[LookupMemory, Tensor, Tensor] | None:
+        """The lookup's inputs for the last new position; the memory grows by the source states just read."""
+        if self.lookup is None:
+            return None
+        if new_states is not None:
+            more = self.lookup.memory(new_states, self._source_logits)
+            state.lookup = more if state.lookup is None else state.lookup.extend(more)
+        B = xmask.shape[0]
+        return state.lookup, torch.arange(B, device=xmask.device), xmask[:, 0, -1]
 
     def _answer_step(self, new_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
         """Prompt conditioning, inside the answer: no source step. The new tokens' own embeddings query the
@@ -372,7 +412,7 @@ class LLMModule(nn.Module):
         embeds = self.bridge.stream(None, state.bridge_kv, xmask, self.answer_embeddings(new_ids))
         hidden, state.trunk_cache = self.generation(embeds, state.attention_mask, positions, cache=state.trunk_cache,
                                                     use_cache=True)
-        return self.output_logits(hidden[:, -1]).float(), state
+        return self.output_logits(hidden[:, -1], lookup=self._lookup_step(None, xmask, state)).float(), state
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Cached incremental decoding; see llm_modules.decode.generate for the arguments."""

@@ -48,6 +48,8 @@ def test_answer_logits_depend_on_the_prompt_only_through_the_source(build):
     ("large_qwen2", "small_gpt_neo", {}), ("large_llama", "small_gpt2", {"tie_answer_embeddings": False}),
     ("large_qwen2", "small_qwen2", {"knowledge_path": "logits"}),
     ("large_qwen2", "small_gpt_neo", {"knowledge_path": "logits", "answer_source_tokens": 2}),
+    ("large_llama", "small_gpt_neo", {"knowledge_path": "lookup", "lookup_top_k": 5}),
+    ("large_qwen2", "small_gpt2", {"knowledge_path": "lookup", "answer_source_tokens": 1}),
 ])
 def test_cached_decoding_equals_full_recomputation_without_source_steps(build, large, small, extra):
     from llm_modules.decode import decode

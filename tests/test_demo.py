@@ -55,10 +55,12 @@ def test_quick_demo_writes_report(tmp_path):
     assert "| LLM Module (frozen large + bridge + small) |" in report and "What is the sum of 5 and 5?" in report
     assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "accuracy.png").stat().st_size > 1000
     res = json.loads((out / "results.json").read_text())["results"]
-    assert len(res) == 8 and all(0.0 <= r["heldout"] <= 1.0 for r in res.values())
-    # the prompt-conditioned module beside the paper's, each with what it runs per new token
-    fast, token = res["LLM Module, prompt conditioning (source reads the prompt only)"], res["LLM Module (frozen large + bridge + small)"]
-    assert 0 < fast["per_token"] < token["per_token"] and f"| {fast['per_token']:,} |" in report
+    assert len(res) == 10 and all(0.0 <= r["heldout"] <= 1.0 for r in res.values())
+    # fast mode (with and without the knowledge lookup) beside the paper's, each with what it runs per new token
+    fast, plain = res["LLM Module, prompt conditioning + knowledge lookup"], res["LLM Module, prompt conditioning without lookup (ablation)"]
+    token = res["LLM Module (frozen large + bridge + small)"]
+    assert 0 < plain["per_token"] < fast["per_token"] < token["per_token"] and f"| {fast['per_token']:,} |" in report
+    assert (tmp_path / "out" / "llm_module_prompt_lookup" / "best" / "llm_module.json").exists()
     assert "large fine-tuned (the distillation teacher)" in res and "distilled + held-out prompts (teacher-answered)" in res
     assert summary["results"]["small fine-tuned"]["trainable"] < summary["results"]["LLM Module (frozen large + bridge + small)"]["trainable"]
     # a second run reuses the cached pretrained models
@@ -67,8 +69,8 @@ def test_quick_demo_writes_report(tmp_path):
     assert any("pretrained models: reusing" in s for s in logs)
     # a line per result, no per-validation chatter (training reports through its progress bar)
     assert not any("validation loss" in s or s.startswith("data:") for s in logs)
-    assert sum(s.lstrip().startswith(("LLM Module:", "LLM Module, prompt:", "small", "distilled", "large alone",
-                                      "large fine-tuned")) for s in logs) == 8
+    assert sum(s.lstrip().startswith(("LLM Module:", "LLM Module + lookup:", "LLM Module, fast:", "fast, no lookup:",
+                                      "small", "distilled", "large alone", "large fine-tuned")) for s in logs) == 10
     # deterministic from the seed: the same numbers again
     for name, r in summary["results"].items():
         r2 = again["results"][name]

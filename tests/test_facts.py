@@ -90,7 +90,7 @@ def test_whole_facts_benchmark_on_a_tiny_local_source(fx, tmp_path):
     assert table["source alone, bare cue (100% by selection)"]["all"]["mean"] >= 0.9  # the probe kept what it states
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| LLM Module + knowledge path |" in report and "unseen answers" in report and "capital" in report
-    fast, token = table["LLM Module + knowledge path, prompt conditioning"], table["LLM Module + knowledge path"]
+    fast, token = table["LLM Module + knowledge lookup, prompt conditioning"], table["LLM Module + knowledge path"]
     assert 0 < fast["per_token"] < token["per_token"] and fast["answer_source_tokens"] == 1
     assert f"| {fast['per_token']:,} (+ the source on the first 1 answer token(s)) |" in report
     src_em = table["source alone"]["all"]["mean"]

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from llm_modules.knowledge import KnowledgePath, distill_loss
@@ -99,16 +100,113 @@ def test_gate_scales_source_log_probs_per_position():
     assert wider.shape == (3, 9) and (wider[:, 7:] == -30.0).all()
 
 
-def test_training_with_knowledge_path_distillation_and_feature_cache(tiny_train_config, tmp_path):
+@pytest.mark.parametrize("path,extra", [("logits", {"distill_weight": 1.0}),
+                                        ("lookup", {"conditioning": "prompt", "lookup_top_k": 8})])
+def test_training_with_knowledge_path_and_feature_cache(tiny_train_config, tmp_path, path, extra):
     """The recipe path end to end: states from the cache, the source loaded for its head only."""
     from llm_modules.training import train
 
-    cfg = tiny_train_config(knowledge_path="logits", distill_weight=1.0, feature_cache=True, epochs=2,
-                            output_dir=str(tmp_path / "k"))
+    cfg = tiny_train_config(knowledge_path=path, feature_cache=True, epochs=2, output_dir=str(tmp_path / "k"), **extra)
     assert cfg.needs_source_head
     r = train(cfg, log=lambda s: None)
     assert r.best_val_loss < r.first_val_loss
     saved = json.loads((tmp_path / "k" / "best" / "llm_module.json").read_text())
-    assert saved["knowledge_path"] == "logits"
+    assert saved["knowledge_path"] == path
     m = LLMModule.from_pretrained(tmp_path / "k" / "best")
-    assert m.knowledge is not None and m.knowledge.scale.bias.item() != KnowledgePath(4).scale.bias.item()
+    gate = (m.knowledge if path == "logits" else m.lookup).scale.bias.item()
+    assert gate != KnowledgePath(4).scale.bias.item()  # the gate trained
+    if path == "lookup":
+        assert m.config.lookup_top_k == 8 and m.lookup.top_k == 8
+
+
+# -- knowledge lookup -----------------------------------------------------------------------------
+def test_lookup_points_at_what_the_source_predicted_where():
+    """Attention on one source position brings that position's predictions; a token no position predicts
+    gets the floor; source rows past the module's vocabulary are dropped, not folded onto its last token."""
+    from llm_modules.knowledge import KnowledgeLookup, LookupMemory
+
+    k = KnowledgeLookup(stream_dim=4, source_dim=3, key_dim=2, top_k=2)
+    with torch.no_grad():
+        k.query.weight.copy_(torch.tensor([[10.0, 0, 0, 0], [0, 10.0, 0, 0]]))
+        k.query.bias.zero_()
+    keys = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [0.0, 0.0]]])  # position 0 answers "x", position 1 "y"
+    ids = torch.tensor([[[3, 4], [6, 9], [1, 2]]])
+    probs = torch.tensor([[[0.9, 0.1], [0.7, 0.3], [0.5, 0.5]]])
+    memory = LookupMemory(keys, ids, probs)
+    h = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    allowed = torch.ones(2, 3, dtype=torch.bool)
+    out = k(h, memory, torch.zeros(2, dtype=torch.long), allowed, vocab_size=8)
+    assert out.shape == (2, 8)
+    assert out[0].argmax() == 3 and out[1].argmax() == 6  # each query copies its position's top prediction
+    assert abs(out[0, 3].item() - torch.tensor(0.9).log().item()) < 1e-3
+    assert out[0, 0].item() < -13  # nobody predicts token 0: log(eps)
+    # Token 9 is past the vocabulary of 8: its mass is dropped, token 7 does not get it.
+    assert out[1, 7].item() < -13
+    # Masking position 1 away: query 1 can only read positions 0 and 2.
+    masked = k(h, memory, torch.zeros(2, dtype=torch.long), torch.tensor([[1, 1, 1], [1, 0, 1]]).bool(), 8)
+    assert masked[1].argmax() != 6 and masked[1, 6].item() < -13
+
+
+def test_lookup_is_causal_and_caches_like_full_recomputation(build):
+    """Token conditioning: the memory grows by one source position per step; cached == recomputed."""
+    from llm_modules.decode import decode
+
+    m = build("large_qwen2", "small_gpt_neo", knowledge_path="lookup", lookup_top_k=4, seed=5).eval()
+    assert m.lookup is not None and m.answer_embed is None and m.source.head is not None
+    with torch.no_grad():
+        m.lookup.query.weight.normal_(0, 1.0)
+        m.lookup.scale.weight.normal_(0, 0.5)
+    ids = _ids(m, 12, 1)
+    ids2 = ids.clone()
+    ids2[0, 7] = (ids[0, 7] + 5) % m.config.vocab_size
+    with torch.no_grad():
+        a, b = m(ids).logits, m(ids2).logits
+        bias = m.lookup.scale.bias.clone()
+        m.lookup.scale.bias.fill_(-30.0)  # gate shut: the lookup's share is what moves the logits
+        shut = m(ids).logits
+        m.lookup.scale.bias.copy_(bias)
+    assert (a[0, :7] - b[0, :7]).abs().max() <= 1e-5 and (a[0, 7] - b[0, 7]).abs().max() > 1e-3
+    assert (a - shut).abs().max() > 1.0
+    runs = [[(t, lg) for t, lg, _ in decode(m, ids, None, max_new_tokens=24, eos_token_id=[], use_cache=c)]
+            for c in (True, False)]
+    assert [int(t) for t, _ in runs[0]] == [int(t) for t, _ in runs[1]]
+    assert max((x - y).abs().max().item() for (_, x), (_, y) in zip(*runs)) <= 1e-4
+
+
+def test_lookup_target_only_loss_equals_the_full_one(build):
+    m = build(conditioning="prompt", knowledge_path="lookup", seed=6).eval()
+    with torch.no_grad():
+        m.lookup.query.weight.normal_(0, 1.0)
+    ids = _ids(m, 9)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    answer = (labels != -100).long()
+    full = m(ids, labels=labels, answer_mask=answer)
+    only = m(ids, labels=labels, answer_mask=answer, return_logits=False)
+    assert only.num_tokens == full.num_tokens == 2 * 4
+    assert abs(full.loss.item() - only.loss.item()) <= 1e-5
+    ga = torch.autograd.grad(full.loss, m.lookup.key.weight)[0]
+    gb = torch.autograd.grad(only.loss, m.lookup.key.weight)[0]
+    assert ga.abs().max() > 0
+    torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
+
+
+def test_lookup_saves_loads_and_counts(build, tmp_path):
+    from llm_modules.info import parameter_counts
+
+    m = build(conditioning="prompt", knowledge_path="lookup", lookup_top_k=6).eval()
+    with torch.no_grad():
+        m.lookup.query.weight.normal_(0, 1.0)
+    m.save_pretrained(tmp_path / "l")
+    m2 = LLMModule.from_pretrained(tmp_path / "l").eval()
+    assert m2.source.head is not None and m2.lookup.top_k == 6
+    ids, answer = _ids(m, 9), torch.tensor([[0] * 5 + [1] * 4] * 2)
+    with torch.no_grad():
+        assert torch.equal(m(ids, answer_mask=answer).logits, m2(ids, answer_mask=answer).logits)
+    counts = parameter_counts(m2)
+    assert counts["knowledge lookup"] == sum(p.numel() for p in m2.lookup.parameters())
+    assert counts["trained"] == sum(v.numel() for v in m2.trainable_state_dict().values())
+    # Per new token in fast mode: the query and the gate run, the keys were built with the prompt.
+    plain = parameter_counts(build(conditioning="prompt"))
+    extra = sum(p.numel() for p in (*m2.lookup.query.parameters(), *m2.lookup.scale.parameters()))
+    assert counts["per-token (prompt)"] == plain["per-token (prompt)"] + extra

@@ -7,7 +7,8 @@
 3. Split by entity into train / validation / test entities (checkpoints are chosen on validation
    entities, never on test ones). A test fact whose answer is no training target is "unseen".
 4. Train and compare, each on the same split: the LLM Module in the paper's design, the LLM Module
-   with the knowledge path (+ distillation at every position), the small model alone, the small model
+   with the knowledge path (+ distillation at every position), fast mode (prompt conditioning with the
+   knowledge lookup), the small model alone, the small model
    distilled from the source (on the training prompts, and with the test entities' prompts as
    unlabeled transfer queries), and the source alone.
 Task rows are plain text: "{question} Recall: {cue}" then " {answer}" and EOS.

@@ -86,6 +86,11 @@ def write_report(out: Path, summary: dict[str, Any], curves: dict[str, list[floa
              "Held-out entities and arithmetic pairs were never seen in task form by any trained system; "
              "only the frozen large model knows them. Chance on entity facts is about 1/8 to 1/12; arithmetic can "
              "partly be inferred from the trained pairs.", "", *_table(summary), "",
+             "Knowledge lookup (`knowledge_path: lookup`): each position also attends over the source positions it "
+             "may read and adds the gated log of a mixture of the source's next-token predictions there, so the "
+             "module can copy what the source predicted after the question's recall cue. Prompt conditioning "
+             "(`conditioning: prompt`, fast mode): the source reads the question once; the bridge, the small trunk "
+             "and the head write the answer with no source step ('params run per new token').", "",
              "Distillation: the teacher is the large model fine-tuned on the training questions (its own row), so it "
              "knows the task format; the student (the pretrained small model) learns from its soft targets on the "
              f"task text (temperature {cfg['kd_temperature']}, weight {1 - cfg['kd_alpha']:.1f} on them). "

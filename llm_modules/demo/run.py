@@ -5,7 +5,8 @@
    facts, and a small model (GPT-Neo architecture) on general text without them. Both are cached.
 3. Train on task questions about some entities; evaluate on held-out entities the large model
    knows but no trained model saw in task form:
-     LLM Module (frozen large + bridge + small) | small fine-tuned | small from scratch |
+     LLM Module (frozen large + bridge + small) | + the knowledge lookup | the same with prompt conditioning
+     (fast mode: the source reads the prompt only), and without the lookup | small fine-tuned | small from scratch |
      distillation (logit KD from the large model) | the large model alone (corpus-form prompts).
 4. Write report.md, results.json, loss_curves.png and accuracy.png; print the results table.
 
@@ -45,7 +46,9 @@ FIXED_PROMPTS = [("sum", {"a": 5, "b": 5}), ("remainder", {"a": 7, "b": 4})]
 TEACHER = "large fine-tuned (the distillation teacher)"
 KD = "distilled (logit KD from the fine-tuned large)"
 KD_TRANSFER = "distilled + held-out prompts (teacher-answered)"
-FAST = "LLM Module, prompt conditioning (source reads the prompt only)"
+LOOKUP = "LLM Module + knowledge lookup"
+FAST = "LLM Module, prompt conditioning + knowledge lookup"
+FAST_PLAIN = "LLM Module, prompt conditioning without lookup (ablation)"
 
 
 @dataclass
@@ -242,17 +245,19 @@ def make_task(cfg: DemoConfig, world: World, tok: Any, out: Path) -> Task:
 
 
 def run_llm_module(cfg: DemoConfig, task: Task, large_dir: Path, small_dir: Path, out: Path,
-                   conditioning: str = "token") -> tuple[dict, list, list]:
+                   conditioning: str = "token", knowledge_path: str = "none") -> tuple[dict, list, list]:
     """Train the LLM Module from a recipe, as `llm-modules train` would; (result row, fixed answers, curve)."""
     t = time.perf_counter()
-    folder = out / ("llm_module" if conditioning == "token" else f"llm_module_{conditioning}")
+    folder = out / "_".join(["llm_module"] + [conditioning] * (conditioning != "token")
+                            + [knowledge_path] * (knowledge_path != "none"))
     tcfg = TrainConfig.from_dict(dict(
         large_model=str(large_dir), small_model=str(small_dir), source_dtype="float32", num_heads=4,
         adapter_dim=64, dropout=0.0, data=str(task.data_dir / "train.jsonl"), val_fraction=0.1, seed=cfg.seed,
         epochs=cfg.task_epochs, batch_size=cfg.batch_size // 2, lr_bridge=cfg.lr, lr_small=cfg.lr / 2, warmup_steps=5,
         output_dir=str(folder), progress=cfg.progress, tensorboard=False, log_every=5, patience=0,
-        max_length=256, conditioning=conditioning))
-    r = Trainer(tcfg, log=lambda s: None, desc=f"LLM Module ({conditioning})").fit()
+        max_length=256, conditioning=conditioning, knowledge_path=knowledge_path))
+    desc = f"LLM Module ({conditioning}{', ' + knowledge_path if knowledge_path != 'none' else ''})"
+    r = Trainer(tcfg, log=lambda s: None, desc=desc).fit()
     module = LLMModule.from_pretrained(folder / "best").eval()
     secs = time.perf_counter() - t
     hl = evaluate_loss(module, task.held_ex, 32, task.tokenizer.pad_token_id)
@@ -301,7 +306,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
 
     record("LLM Module (frozen large + bridge + small)", "LLM Module",
            run_llm_module(cfg, task, large_dir, small_dir, out))
-    record(FAST, "LLM Module, prompt", run_llm_module(cfg, task, large_dir, small_dir, out, "prompt"))
+    record(LOOKUP, "LLM Module + lookup",
+           run_llm_module(cfg, task, large_dir, small_dir, out, "token", "lookup"))
+    record(FAST, "LLM Module, fast", run_llm_module(cfg, task, large_dir, small_dir, out, "prompt", "lookup"))
+    record(FAST_PLAIN, "fast, no lookup", run_llm_module(cfg, task, large_dir, small_dir, out, "prompt"))
     large = AutoModelForCausalLM.from_pretrained(str(large_dir)).eval()
     # A fair teacher for distillation: the large model fine-tuned on the training questions (it knows the format).
     torch.manual_seed(cfg.seed + 5)
