@@ -5,8 +5,8 @@ the paper tokenizer's 151,646 entries. Measures, through the project's own Train
   - K training steps at SEQ tokens (batch 1, chunked loss), without and with gradient checkpointing:
     seconds per step and peak memory;
   - cached generation: prefill of a PROMPT-token prompt, then 32 new tokens: seconds per token, for the paper's
-    token conditioning and for prompt conditioning (fast mode) on the same source, beside the source alone
-    through transformers' `generate`.
+    token conditioning and for prompt conditioning (fast mode; with and without the knowledge lookup) on the
+    same source, beside the source alone through transformers' `generate`.
 
     python benchmarks/paper_size.py                 # CPU (2 cores: about 10 minutes)
     python benchmarks/paper_size.py --skip-train --generation-dtype bfloat16   # generation only, all in bf16
@@ -87,7 +87,8 @@ def module_on(large: torch.nn.Module, device: str, **kw: object) -> LLMModule:
     trunk = AutoModel.from_config(GPTNeoConfig(**PAPER_SMALL))
     cfg = ModuleConfig(large_model="paper-qwen2-1.5b-shapes", vocab_size=PAPER_TOKENIZER_LEN, init_small="scratch",
                        source_dtype="bfloat16", **kw)
-    return LLMModule(cfg, trunk, KnowledgeSource(large, "paper-qwen2-1.5b-shapes")).to(device)
+    source = KnowledgeSource(large, "paper-qwen2-1.5b-shapes", keep_head=cfg.knowledge_path != "none")
+    return LLMModule(cfg, trunk, source).to(device)
 
 
 @torch.no_grad()
@@ -177,21 +178,27 @@ def main() -> None:
               f"{mean:.2f} s/step (steps: {', '.join(f'{x:.2f}' for x in times)}); peak {gib:.2f} GiB")
     dtype = getattr(torch, args.generation_dtype)
     fast = module_on(large, args.device, conditioning="prompt")  # the same source, prompt conditioning
-    for m in (module, fast):
+    lookup = module_on(large, args.device, conditioning="prompt", knowledge_path="lookup")  # + the knowledge lookup
+    for m in (module, fast, lookup):
         m.bridge.to(dtype), m.generation.to(dtype)
+        if m.lookup is not None:
+            m.lookup.to(dtype)
     # Three rounds, the sides alternating so drift on a shared machine hits them alike; each side's best round.
-    rounds = [(generation(module, args.device, args.prompt, args.new), generation(fast, args.device, args.prompt, args.new),
+    rounds = [(*(generation(m, args.device, args.prompt, args.new) for m in (module, fast, lookup)),
                source_alone(large, args.device, args.prompt, args.new)) for _ in range(3)]
-    (prefill, per_token, gib), (prefill_p, per_token_p, gib_p), alone = min(
-        (r[0] for r in rounds), key=lambda x: x[1]), min((r[1] for r in rounds), key=lambda x: x[1]), min(r[2] for r in rounds)
+    (prefill, per_token, gib), (prefill_p, per_token_p, gib_p), (prefill_l, per_token_l, gib_l) = (
+        min((r[i] for r in rounds), key=lambda x: x[1]) for i in range(3))
+    alone = min(r[3] for r in rounds)
     print(f"trained parts in {args.generation_dtype} while generating; best of 3 rounds")
     print(f"generation: prefill {args.prompt} tokens {prefill:.2f} s; {per_token:.3f} s per new token "
           f"({args.new} cached steps); peak {gib:.2f} GiB")
     print(f"generation, prompt conditioning: prefill {prefill_p:.2f} s; {per_token_p:.3f} s per new token; "
           f"peak {gib_p:.2f} GiB")
+    print(f"generation, prompt conditioning + knowledge lookup: prefill {prefill_l:.2f} s; {per_token_l:.3f} s per new "
+          f"token; peak {gib_l:.2f} GiB")
     print(f"the source alone (transformers generate, its 151,936-way head included): {alone:.3f} s per new token")
     print(f"per new token: token conditioning {per_token / alone:.2f}x the source alone, "
-          f"prompt conditioning {per_token_p / alone:.2f}x")
+          f"prompt conditioning {per_token_p / alone:.2f}x, with the lookup {per_token_l / alone:.2f}x")
 
 
 if __name__ == "__main__":
