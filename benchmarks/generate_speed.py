@@ -2,7 +2,8 @@
 way), (c) the large model alone through transformers' cached `generate`, (d) a module with prompt
 conditioning (the source reads the prompt once; each new token runs the bridge layers, the trunk and the
 head only), (e) the same with the knowledge lookup (also a pointer over the source's top-k predictions at
-the prompt positions). Measured side by side in one run, on the same source weights.
+the prompt positions). Measured side by side in one run, on the same source weights. Seconds per new token
+include the prompt's prefill; the last line also gives (c) and (d) with the prefill and first token apart.
 
     python benchmarks/generate_speed.py [--prompt 256] [--new 128] [--threads 2]
     python benchmarks/generate_speed.py --large-hidden 1024 --large-layers 6 --skip-reference   # paper-like ratio
@@ -57,20 +58,24 @@ def main() -> None:
     def reference(n):
         return lambda: [None for _ in decode(module, ids, max_new_tokens=n, eos_token_id=[], use_cache=False)]
 
-    def large_alone():
+    def large_alone(n=args.new):
         with torch.no_grad():
-            large.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                           min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+            large.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     ours(4)(), ours(4, fast)(), ours(4, lookup)(), large_alone()  # warm-up
     # Alternate the sides so drift on a shared machine hits them alike; keep each side's best.
-    a, c, d, e = [], [], [], []
+    a, c, d, e, c1, d1 = [], [], [], [], [], []
     for _ in range(3):
         a.append(timed(ours(args.new)) / args.new)
         c.append(timed(large_alone) / args.new)
         d.append(timed(ours(args.new, fast)) / args.new)
         e.append(timed(ours(args.new, lookup)) / args.new)
-    a, c, d, e = min(a), min(c), min(d), min(e)
+        c1.append(timed(lambda: large_alone(1)))  # the prefill and first token alone
+        d1.append(timed(ours(1, fast)))
+    a, c, d, e, c1, d1 = min(a), min(c), min(d), min(e), min(c1), min(d1)
+    # Prefill excluded: (all tokens - the first) / (new - 1), from the best runs above.
+    c_step, d_step = (c * args.new - c1) / (args.new - 1), (d * args.new - d1) / (args.new - 1)
     counts = parameter_counts(fast)
     src = counts["source (frozen)"]
     print(f"source {args.large_hidden}x{args.large_layers} ({src / 1e6:.1f}M), small 256x4, vocab {VOCAB}; "
@@ -86,6 +91,8 @@ def main() -> None:
     print(f"(d) cached decoding, prompt   {d:.4f} s/token")
     print(f"(e) prompt + knowledge lookup {e:.4f} s/token")
     print(f"a / c: {a / c:.2f}    d / c: {d / c:.2f}    d / a: {d / a:.2f}    e / c: {e / c:.2f}")
+    print(f"prefill + first token: (c) {c1:.3f} s, (d) {d1:.3f} s; per later token: (c) {c_step:.4f}, "
+          f"(d) {d_step:.4f} s, d / c {d_step / c_step:.2f}")
 
 
 if __name__ == "__main__":
