@@ -75,11 +75,11 @@ def write_tiny_recipe(fx, folder, rows: int = 40, data_seed: int = 5, adapter_di
 @pytest.fixture(scope="session")
 def served_modules(fx, tmp_path_factory):
     """{name: folder} of saved tiny modules for the server: two on one source (token and prompt
-    conditioning), one on another source."""
+    conditioning), one on another source (fast mode with the knowledge lookup, which reads the source's head)."""
     root = tmp_path_factory.mktemp("served")
     out = {}
     for name, large, kw in (("alpha", "large_qwen2", {}), ("beta", "large_qwen2", {"conditioning": "prompt"}),
-                            ("gamma", "large_llama", {})):
+                            ("gamma", "large_llama", {"conditioning": "prompt", "knowledge_path": "lookup"})):
         torch.manual_seed(len(out))
         m = LLMModule.build(fx[large], fx["small_gpt_neo"], source_dtype="float32",
                             prompt={"format": "paper", "system_prompt": "Be brief."}, **kw)

@@ -76,6 +76,13 @@ def test_models_share_one_source_per_fingerprint(served_modules):
         cards = {m["id"]: m for m in call(s, "GET", "/v1/models").json()["data"]}
         assert cards["alpha"]["parent"] == cards["beta"]["parent"] != cards["gamma"]["parent"]
         assert cards["beta"]["conditioning"] == "prompt" and cards["alpha"]["object"] == "model"
+        # gamma (knowledge lookup) got its source's head; alpha and beta's source was loaded without one.
+        assert reg.modules["gamma"].module.source.head is not None and reg.modules["alpha"].module.source.head is None
+        gm = reg.get("gamma")
+        body = {"model": "gamma", "messages": MSGS, "temperature": 0, "max_tokens": 10}
+        got = call(s, "POST", "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+        want = greedy(gm, encode_prompt(gm.tokenizer, "paper", MSGS[0]["content"], (), "Be brief."), 10)
+        assert got == text_of(gm.tokenizer, want) and len(want) > 0
     finally:
         s.close()
 
