@@ -31,14 +31,11 @@ def test_module_starts_as_the_source(build):
         assert (plain(ids).logits.float().log_softmax(-1) - _source_logp(m, ids)).abs().max() > 0.5
 
 
-def test_knowledge_path_is_causal_and_caches_like_full_recomputation(build):
+def _check_causal_and_cached(m, ids):
+    """Changing token 7 changes nothing before it and position 7 itself; 24 cached decoding steps equal full
+    recomputation (greedy tokens identical, logits within 1e-4)."""
     from llm_modules.decode import decode
 
-    m = build("large_llama", "small_gpt2", knowledge_path="logits", seed=3).eval()
-    with torch.no_grad():  # a trained-looking head, so the check is not trivial
-        m.generation.lm_head.weight.normal_(0, 0.5)
-        m.knowledge.scale.weight.normal_(0, 0.5)
-    ids = _ids(m, 12, 1)
     ids2 = ids.clone()
     ids2[0, 7] = (ids[0, 7] + 5) % m.config.vocab_size
     with torch.no_grad():
@@ -48,6 +45,14 @@ def test_knowledge_path_is_causal_and_caches_like_full_recomputation(build):
             for c in (True, False)]
     assert [int(t) for t, _ in runs[0]] == [int(t) for t, _ in runs[1]]
     assert max((x - y).abs().max().item() for (_, x), (_, y) in zip(*runs)) <= 1e-4
+
+
+def test_knowledge_path_is_causal_and_caches_like_full_recomputation(build):
+    m = build("large_llama", "small_gpt2", knowledge_path="logits", seed=3).eval()
+    with torch.no_grad():  # a trained-looking head, so the check is not trivial
+        m.generation.lm_head.weight.normal_(0, 0.5)
+        m.knowledge.scale.weight.normal_(0, 0.5)
+    _check_causal_and_cached(m, _ids(m, 12, 1))
 
 
 def test_target_only_loss_equals_the_full_one(build):
@@ -149,28 +154,20 @@ def test_lookup_points_at_what_the_source_predicted_where():
 
 def test_lookup_is_causal_and_caches_like_full_recomputation(build):
     """Token conditioning: the memory grows by one source position per step; cached == recomputed."""
-    from llm_modules.decode import decode
-
     m = build("large_qwen2", "small_gpt_neo", knowledge_path="lookup", lookup_top_k=4, seed=5).eval()
     assert m.lookup is not None and m.answer_embed is None and m.source.head is not None
     with torch.no_grad():
         m.lookup.query.weight.normal_(0, 1.0)
         m.lookup.scale.weight.normal_(0, 0.5)
     ids = _ids(m, 12, 1)
-    ids2 = ids.clone()
-    ids2[0, 7] = (ids[0, 7] + 5) % m.config.vocab_size
     with torch.no_grad():
-        a, b = m(ids).logits, m(ids2).logits
+        a = m(ids).logits
         bias = m.lookup.scale.bias.clone()
         m.lookup.scale.bias.fill_(-30.0)  # gate shut: the lookup's share is what moves the logits
         shut = m(ids).logits
         m.lookup.scale.bias.copy_(bias)
-    assert (a[0, :7] - b[0, :7]).abs().max() <= 1e-5 and (a[0, 7] - b[0, 7]).abs().max() > 1e-3
     assert (a - shut).abs().max() > 1.0
-    runs = [[(t, lg) for t, lg, _ in decode(m, ids, None, max_new_tokens=24, eos_token_id=[], use_cache=c)]
-            for c in (True, False)]
-    assert [int(t) for t, _ in runs[0]] == [int(t) for t, _ in runs[1]]
-    assert max((x - y).abs().max().item() for (_, x), (_, y) in zip(*runs)) <= 1e-4
+    _check_causal_and_cached(m, ids)
 
 
 def test_lookup_target_only_loss_equals_the_full_one(build):
