@@ -242,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiments (CPU, 11-15 min per seed)",
+    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiments (CPU, 12-15 min per seed)",
                        description="--world synthetic (default, no downloads): generate a knowledge world, pretrain a "
                                    "small 'large' model on its facts and a small model on general text, then compare the "
                                    "LLM Module (the paper's design; fast mode: prompt conditioning with the knowledge lookup, and without it) with the paper's baselines (small fine-tuned, small from scratch, "

@@ -53,7 +53,7 @@ FAST_PLAIN = "LLM Module, prompt conditioning without lookup (ablation)"
 
 @dataclass
 class DemoConfig:
-    """Sizes and budgets of the demo; the defaults run one seed in 11 to 12 minutes on 2 CPU cores."""
+    """Sizes and budgets of the demo; the defaults run one seed in about 12 minutes on 2 CPU cores."""
 
     seed: int = 0
     out: str = "demo_out"
