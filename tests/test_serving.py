@@ -267,6 +267,24 @@ def test_answer_text_holds_back_a_partial_stop_and_cuts_at_it(fx):
     assert sent == "abc END xyz" and not t.stopped
 
 
+def test_answer_text_is_incremental_and_equals_the_whole_decoding(fx):
+    """Piece by piece, a long answer with multi-byte characters comes out as decoding it whole would; each token
+    costs a decode of a few tokens, not of the answer so far."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fx["tokenizer"])
+    ids = tok(" ".join(["naïve café — 東京 🙂 The river ran, slowly."] * 40), add_special_tokens=False).input_ids
+    assert len(ids) > 400
+    sizes = []
+    real = tok.decode
+    tok.decode = lambda x, **k: (sizes.append(len(x)), real(x, **k))[1]
+    t = AnswerText(tok, ["never occurs"])
+    sent = "".join(t.add(i) for i in ids) + t.flush()
+    tok.decode = real
+    assert sent == real(ids, skip_special_tokens=False).rstrip("\ufffd") and t.text == sent
+    assert max(sizes) <= 16  # a window of recent tokens, never the whole answer
+
+
 def test_model_specs():
     assert parse_model_specs(["a=/x/y", "/runs/m1/best"]) == [("a", "/x/y"), ("m1", "/runs/m1/best")]
     with pytest.raises(ValueError, match="given twice"):
