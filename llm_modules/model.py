@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .bridge import Bridge
@@ -333,16 +334,29 @@ class LLMModule(nn.Module):
     def _target_loss(self, hidden: Tensor, source_states: Tensor, labels: Tensor, chunk_size: int | None,
                      answer: Tensor | None = None,
                      lookup: tuple[LookupMemory, Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
-        """(mean shifted cross-entropy, targets), computing logits at target positions only."""
+        """(mean shifted cross-entropy, targets), computing logits at target positions only, in chunks of
+        `chunk_size` targets recomputed in backward (so [targets, V] logits never exist at once)."""
         if self.knowledge is None and lookup is None:
             return shifted_loss(labels, hidden=hidden, head_weight=self.generation.lm_head.weight, chunk_size=chunk_size)
         keep = labels[:, 1:] != -100
-        src = self._source_logits(source_states[:, :-1][keep]) if self.knowledge is not None else None
-        if lookup is not None:
-            lookup = (lookup[0], lookup[1][:, :-1][keep], lookup[2][:, :-1][keep])
-        logits = self.output_logits(hidden[:, :-1][keep], src, None if answer is None else answer[:, :-1][keep], lookup)
-        n = int(keep.sum())
-        return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="sum") / max(n, 1), n
+        at = lambda x: None if x is None else x[:, :-1][keep]  # noqa: E731 - the rows that have a target
+        h, y, states, ans = at(hidden), labels[:, 1:][keep], at(source_states) if self.knowledge is not None else None, at(answer)
+        rows, allowed = (at(lookup[1]), at(lookup[2])) if lookup is not None else (None, None)
+
+        def ce_sum(i: int, j: int, h_chunk: Tensor) -> Tensor:
+            src = self._source_logits(states[i:j]) if states is not None else None
+            look = (lookup[0], rows[i:j], allowed[i:j]) if lookup is not None else None
+            logits = self.output_logits(h_chunk, src, None if ans is None else ans[i:j], look)
+            return F.cross_entropy(logits.float(), y[i:j], reduction="sum")
+
+        n = h.shape[0]
+        size = chunk_size or max(n, 1)
+        if n <= size:
+            return ce_sum(0, n, h) / max(n, 1), n
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, size):
+            total = total + checkpoint(ce_sum, i, min(i + size, n), h[i:i + size], use_reentrant=False)
+        return total / n, n
 
     @property
     def supports_cache(self) -> bool:

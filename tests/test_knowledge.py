@@ -55,7 +55,9 @@ def test_knowledge_path_is_causal_and_caches_like_full_recomputation(build):
     _check_causal_and_cached(m, _ids(m, 12, 1))
 
 
-def test_target_only_loss_equals_the_full_one(build):
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_target_only_loss_equals_the_full_one(build, chunk):
+    """Also in chunks of 3 targets, recomputed in backward (8 targets: chunks of 3, 3, 2)."""
     m = build(knowledge_path="logits", seed=4).eval()
     with torch.no_grad():
         m.generation.lm_head.weight.normal_(0, 0.3)
@@ -63,7 +65,7 @@ def test_target_only_loss_equals_the_full_one(build):
     labels = ids.clone()
     labels[:, :5] = -100  # a prompt, then the answer
     full = m(ids, labels=labels)
-    only = m(ids, labels=labels, return_logits=False)
+    only = m(ids, labels=labels, return_logits=False, loss_chunk_size=chunk)
     assert only.logits is None and only.num_tokens == full.num_tokens == 2 * 4
     assert abs(full.loss.item() - only.loss.item()) <= 1e-5
     ga = torch.autograd.grad(full.loss, m.knowledge.scale.weight)[0]
@@ -170,7 +172,8 @@ def test_lookup_is_causal_and_caches_like_full_recomputation(build):
     _check_causal_and_cached(m, ids)
 
 
-def test_lookup_target_only_loss_equals_the_full_one(build):
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_lookup_target_only_loss_equals_the_full_one(build, chunk):
     m = build(conditioning="prompt", knowledge_path="lookup", seed=6).eval()
     with torch.no_grad():
         m.lookup.query.weight.normal_(0, 1.0)
@@ -179,7 +182,7 @@ def test_lookup_target_only_loss_equals_the_full_one(build):
     labels[:, :5] = -100
     answer = (labels != -100).long()
     full = m(ids, labels=labels, answer_mask=answer)
-    only = m(ids, labels=labels, answer_mask=answer, return_logits=False)
+    only = m(ids, labels=labels, answer_mask=answer, return_logits=False, loss_chunk_size=chunk)
     assert only.num_tokens == full.num_tokens == 2 * 4
     assert abs(full.loss.item() - only.loss.item()) <= 1e-5
     ga = torch.autograd.grad(full.loss, m.lookup.key.weight)[0]
