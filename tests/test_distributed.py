@@ -45,7 +45,7 @@ def test_two_processes_equal_one_with_double_batch(recipe, tmp_path):
     cli = [sys.executable, "-m", "llm_modules.cli", "train"]
     # 63 training rows: the last global batch is short, so one rank gets less (or nothing).
     _run(cli + ["--config", str(recipe("one", batch_size=10, grad_accum=2))])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "llm_modules.cli", "train", "--config", str(recipe("two", batch_size=5, grad_accum=2))])
     (l1, v1), (l2, v2) = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(l1) == len(l2) == 8
@@ -55,7 +55,7 @@ def test_two_processes_equal_one_with_double_batch(recipe, tmp_path):
     b = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     # Killed on 2 processes after 3 steps, resumed on 1 with the same global batch: same end.
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "llm_modules.cli", "train", "--config", str(recipe("mixed", batch_size=5, grad_accum=2)), "--stop-after", "3"])
     r = _run(cli + ["--config", str(recipe("mixed", batch_size=10, grad_accum=2)), "--resume"])
     assert "resuming on 1 process(es) from a run on 2" in r.stdout + r.stderr
@@ -67,7 +67,7 @@ def test_two_processes_equal_one_with_double_batch(recipe, tmp_path):
 def test_feature_cache_built_by_two_ranks(recipe, tmp_path):
     """Each rank writes its share of the shards; training from them matches a live single-process run."""
     _run([sys.executable, "-m", "llm_modules.cli", "train", "--config", str(recipe("live", batch_size=10, epochs=1))])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "llm_modules.cli", "train", "--config",
           str(recipe("cached", batch_size=5, epochs=1, feature_cache=True, cache_dir=str(tmp_path / "fc")))],
          {"LLM_MODULES_SHARD_TOKENS": "400"})
