@@ -42,7 +42,7 @@ MODULES = {MODULE_PAPER: ("none", 0.0, "token"), MODULE_KNOWLEDGE: ("logits", No
 
 @dataclass
 class FactsConfig:
-    """The real-facts benchmark; defaults run one seed in about 10 minutes on 2 CPU cores."""
+    """The real-facts benchmark; defaults run one seed in about 15 minutes on 2 CPU cores."""
 
     out: str = "demo_out/facts"
     source: str | None = None
