@@ -179,14 +179,20 @@ class Bridge(nn.Module):
         residual = self.proj(p)
         return s + (residual if answer is None else residual.masked_fill(answer[..., None], 0.0))
 
+    def cross_mask(self, attention_mask: Tensor, answer_mask: Tensor | None = None) -> Tensor:
+        """[B, 1, T, T]: the source positions each position reads (see `forward`)."""
+        limit = prompt_limits(answer_mask) if answer_mask is not None else None
+        return cross_attention_mask(attention_mask, attention_mask.shape[1], causal=self.causal, key_limit=limit)
+
     def forward(self, source_states: Tensor, attention_mask: Tensor | None = None, answer_mask: Tensor | None = None,
-                answer_embeds: Tensor | None = None) -> Tensor:
+                answer_embeds: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """`attention_mask` [B, T]: 0 = padding, else 1 (or segment ids for packed rows). With `answer_mask`
-        (prompt conditioning), answer positions read the source only up to the prompt before their answer."""
+        (prompt conditioning), answer positions read the source only up to the prompt before their answer.
+        `mask`: `cross_mask(attention_mask, answer_mask)` when the caller already has it."""
         B, T, _ = source_states.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=source_states.device)
-        limit = prompt_limits(answer_mask) if answer_mask is not None else None
-        mask = cross_attention_mask(attention_mask, T, causal=self.causal, key_limit=limit)
+        if mask is None:
+            mask = self.cross_mask(attention_mask, answer_mask)
         p, kvs = self.project_source(source_states)
         return self.stream(p, kvs, mask, answer_embeds, answer_mask > 0 if answer_mask is not None else None)

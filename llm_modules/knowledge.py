@@ -33,9 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KNOWLEDGE_PATHS = ("none", "logits", "lookup")
-
-
 class KnowledgePath(nn.Module):
     """Per-position gate on the source's log-probabilities (the source's head itself stays frozen, in the source)."""
 

@@ -243,17 +243,14 @@ class LLMModule(nn.Module):
             logits = logits.float() + extra.view(*hidden.shape[:-1], V)
         return logits
 
-    def _lookup_inputs(self, source_states: Tensor, attention_mask: Tensor,
-                       answer: Tensor | None) -> tuple[LookupMemory, Tensor, Tensor] | None:
+    def _lookup_inputs(self, source_states: Tensor, xmask: Tensor) -> tuple[LookupMemory, Tensor, Tensor] | None:
         """(memory, rows, allowed) for every position of a whole-sequence forward: each position reads the
-        source positions the bridge lets it read."""
+        source positions the bridge reads (`xmask` [B, 1, T, T], the bridge's cross-attention mask)."""
         if self.lookup is None:
             return None
-        B, T = attention_mask.shape
-        limit = prompt_limits(answer.long()) if answer is not None else None
-        allowed = cross_attention_mask(attention_mask, T, causal=True, key_limit=limit)[:, 0]
-        rows = torch.arange(B, device=attention_mask.device)[:, None].expand(B, T)
-        return self.lookup.memory(source_states, self._source_logits), rows, allowed
+        B, T = xmask.shape[0], xmask.shape[-2]
+        rows = torch.arange(B, device=xmask.device)[:, None].expand(B, T)
+        return self.lookup.memory(source_states, self._source_logits), rows, xmask[:, 0]
 
     def answer_embeddings(self, ids: Tensor) -> Tensor:
         """Prompt conditioning: the input embedding of answer tokens (the head's weight, unless untied)."""
@@ -304,13 +301,14 @@ class LLMModule(nn.Module):
         if source_states is None:
             source_states = self._source_states(input_ids, attention_mask)
         answer = self._prompt_answers(answer_mask)
+        xmask = self.bridge.cross_mask(attention_mask, None if answer is None else answer.long())
         if answer is None:
-            embeds = self.bridge(source_states, attention_mask)
+            embeds = self.bridge(source_states, attention_mask, mask=xmask)
         else:
-            embeds = self.bridge(source_states, attention_mask, answer.long(), self.answer_embeddings(input_ids))
+            embeds = self.bridge(source_states, attention_mask, answer.long(), self.answer_embeddings(input_ids), xmask)
         trunk_mask, positions = decoder_inputs(attention_mask, embeds.dtype, reference=reference)
         hidden, _ = self.generation(embeds, trunk_mask, positions)
-        lookup = self._lookup_inputs(source_states, attention_mask, answer)
+        lookup = self._lookup_inputs(source_states, xmask)
         if labels is not None and not return_logits and not distill_weight:
             # Training: logits only where there is a target (answers only, with assistant-only labels).
             out = ModuleOutput()
