@@ -116,6 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     streamer = TextStreamer(module.tokenizer, sys.stdout, kw["stop_strings"])
     answer(module, encode_prompt(module.tokenizer, fmt, args.prompt, system=_system(args, module)), kw, streamer.put,
            args.truncate)
+    streamer.end()
     sys.stdout.write("\n")
 
 

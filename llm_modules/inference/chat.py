@@ -8,28 +8,33 @@ from typing import Any, Callable, TextIO
 import torch
 
 from ..data import Example, default_stop_strings, encode_prompt
-from ..decode import cut_text, decode, prepare_prompt
+from ..decode import decode, prepare_prompt
+from .text import AnswerText
 
 
 class TextStreamer:
-    """Prints decoded text as tokens arrive (decoding the whole answer so multi-byte text stays whole)."""
+    """Prints an answer as its tokens arrive; a stop sequence ends it and is not printed."""
 
     def __init__(self, tokenizer: Any, out: TextIO = sys.stdout, stop_strings: list[str] | None = None):
-        self.tokenizer, self.out, self.stops = tokenizer, out, stop_strings or []
-        self.ids: list[int] = []
-        self.printed = 0
-
-    def text(self) -> str:
-        return cut_text(self.tokenizer.decode(self.ids, skip_special_tokens=False), self.stops, self.tokenizer.eos_token)
+        self.out = out
+        self.answer = AnswerText(tokenizer, stop_strings or [])
 
     def put(self, token_id: int) -> None:
-        self.ids.append(token_id)
-        t = self.text()
-        if t.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return
-        self.out.write(t[self.printed:])
-        self.out.flush()
-        self.printed = len(t)
+        if not self.answer.stopped:
+            self._write(self.answer.add(token_id))
+
+    def end(self) -> None:
+        """The answer is over (or was interrupted): print what was held back as a possible stop's start."""
+        self._write(self.answer.flush())
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+    def text(self, keep_stop: bool = False) -> str:
+        """The answer as printed; with `keep_stop`, followed by the stop sequence that ended it."""
+        return self.answer.text + (self.answer.stop or "" if keep_stop else "")
 
 
 def answer(module: Any, prompt: str | Example, gen_kwargs: dict[str, Any], on_token: Callable[[int], None],
@@ -77,12 +82,16 @@ def chat_loop(module: Any, fmt: str, gen_kwargs: dict[str, Any], system: str | N
         out.write("module> ")
         try:
             answer(module, encode_prompt(tok, fmt, q, history, system), gen_kwargs, streamer.put, truncate)
+            streamer.end()
         except KeyboardInterrupt:
+            streamer.end()
             out.write(" [stopped]")
         except ValueError as e:
             out.write(f"\nerror: {e}\n")
             continue
         out.write("\n")
         history.append(("user", q))
-        history.append(("assistant", streamer.text().strip()))
+        # The paper's closing marker is part of the answers it was trained on; a chat template closes the
+        # turn itself, so its end-of-turn marker must not be in the content twice.
+        history.append(("assistant", streamer.text(keep_stop=fmt == "paper").strip()))
 

@@ -27,7 +27,7 @@ from .protocol import (
     usage_chunk,
 )
 from .registry import Registry, ServedModule, load_registry
-from .text import AnswerText
+from ..inference.text import AnswerText
 
 
 @dataclass

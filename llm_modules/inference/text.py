@@ -21,6 +21,7 @@ class AnswerText:
         self.read = 0
         self.sent = 0  # characters already handed out
         self.stopped = False
+        self.stop: str | None = None  # the stop sequence that ended the answer
 
     def _tail(self) -> tuple[str, bool]:
         """(text of the tokens after `read`, whether its last character is complete)."""
@@ -38,8 +39,9 @@ class AnswerText:
         start = max(0, len(self.decoded) - max((len(s) for s in self.stops), default=0))
         self.decoded += new
         self.prefix, self.read = self.read, len(self.ids)
-        cut = min((i for i in (self.decoded.find(s, start) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := self.decoded.find(s, start)) >= 0]
+        if found:
+            cut, self.stop = min(found, key=lambda f: f[0])
             self.stopped = True
             return self._take(cut)
         text = self.decoded

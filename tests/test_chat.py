@@ -1,0 +1,35 @@
+"""The terminal chat: what is printed and what the next turn's prompt carries of the answers before it."""
+
+import io
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoTokenizer
+
+import llm_modules.inference.chat as chat
+
+
+@pytest.mark.parametrize("fmt,stop,kept", [
+    ("chat_template", "<|im_end|>", "Paris<|im_end|>\n"),  # the template closes the turn: once, not twice
+    ("paper", "<|end_of_solution|>", "Paris <|end_of_solution|>"),  # the paper's answers end in their marker
+])
+def test_stop_is_not_printed_and_the_history_reads_as_trained(fx, monkeypatch, fmt, stop, kept):
+    tok = AutoTokenizer.from_pretrained(fx["tokenizer"])
+    written = "Paris " + stop + " and more" if fmt == "paper" else "Paris" + stop + " and more"
+    prompts = []
+
+    def fake_answer(module, prompt, gen_kwargs, on_token, truncate=None):
+        prompts.append(tok.decode(prompt.input_ids, skip_special_tokens=False))
+        for t in tok(written, add_special_tokens=False).input_ids:
+            on_token(t)  # the module goes on after the stop: nothing of it may show
+        return []
+
+    monkeypatch.setattr(chat, "answer", fake_answer)
+    questions = iter(["capital of France?", "and of Spain?", "/exit"])
+    out = io.StringIO()
+    chat.chat_loop(SimpleNamespace(tokenizer=tok), fmt, {"max_new_tokens": 8}, system="Be brief.",
+                   inp=lambda p: next(questions), out=out)
+    printed = out.getvalue()
+    assert printed.count("module> Paris" + (" " if fmt == "paper" else "") + "\n") == 2
+    assert stop not in printed and "and more" not in printed
+    assert kept in prompts[1] and stop + stop not in prompts[1] and "and more" not in prompts[1]
