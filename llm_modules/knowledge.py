@@ -100,18 +100,36 @@ class KnowledgeLookup(nn.Module):
     def forward(self, hidden: Tensor, memory: LookupMemory, rows: Tensor, allowed: Tensor, vocab_size: int) -> Tensor:
         """scale(h) * log(mixture) [N, V] for N query states `hidden` [N, S]; `rows` [N] is each query's batch row
         and `allowed` [N, Ts] the source positions it may read."""
-        out = []
-        for h, b, ok in zip(hidden.split(self.CHUNK), rows.split(self.CHUNK), allowed.split(self.CHUNK)):
-            q = self.query(h).float()
-            scores = torch.einsum("nd,ntd->nt", q, memory.keys[b].float()) / math.sqrt(q.shape[-1])
-            att = scores.masked_fill(~ok, float("-inf")).softmax(-1)
-            ids = memory.ids[b].flatten(1)
-            # Source rows past the module's vocabulary (embedding padding) are never real tokens: dropped.
-            weights = (att[..., None] * memory.probs[b]).flatten(1) * (ids < vocab_size)
-            mix = weights.new_zeros(len(h), vocab_size)
-            mix.scatter_add_(1, ids.clamp_max(vocab_size - 1), weights)
-            out.append(F.softplus(self.scale(h)).float() * (mix + self.EPS).log())
+        batch_rows, counts = torch.unique_consecutive(rows, return_counts=True)
+        if len(counts) * 8 > len(rows):  # a query or few per batch row (decoding a batch): one pass over copies
+            return self._mixture(hidden, memory.keys[rows], *_clean(memory.ids[rows], memory.probs[rows], vocab_size),
+                                 allowed, vocab_size)
+        # Runs of queries on one batch row (a whole sequence, or its targets) share that row's memory: no copies.
+        out, start = [], 0
+        for b, n in zip(batch_rows.tolist(), counts.tolist()):
+            ids, probs = _clean(memory.ids[b], memory.probs[b], vocab_size)
+            for i in range(start, start + n, self.CHUNK):
+                j = min(i + self.CHUNK, start + n)
+                out.append(self._mixture(hidden[i:j], memory.keys[b], ids, probs, allowed[i:j], vocab_size))
+            start += n
         return torch.cat(out)
+
+    def _mixture(self, hidden: Tensor, keys: Tensor, ids: Tensor, probs: Tensor, allowed: Tensor, vocab_size: int) -> Tensor:
+        """The term for queries `hidden` [n, S] over keys [Ts, D] / ids, probs [Ts, k] shared by all of them, or
+        [n, Ts, D] / [n, Ts, k] one set per query."""
+        q = self.query(hidden).float()
+        scores = (q[:, None, :] @ keys.float().transpose(-1, -2)).squeeze(1) / math.sqrt(q.shape[-1])
+        att = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        weights = (att[..., None] * probs).flatten(1)  # [n, Ts * k]
+        mix = weights.new_zeros(len(hidden), vocab_size)
+        mix.scatter_add_(1, ids.flatten(-2).expand(len(hidden), -1), weights)
+        return F.softplus(self.scale(hidden)).float() * (mix + self.EPS).log()
+
+
+def _clean(ids: Tensor, probs: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """Source rows past the module's vocabulary (embedding padding) are never real tokens: weight 0, a valid index."""
+    valid = ids < vocab_size
+    return ids.clamp_max(vocab_size - 1), probs * valid
 
 
 def distill_loss(logits: Tensor, source_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:

@@ -154,6 +154,33 @@ def test_lookup_points_at_what_the_source_predicted_where():
     assert masked[1].argmax() != 6 and masked[1, 6].item() < -13
 
 
+def test_lookup_runs_of_queries_share_their_rows_memory_and_equal_one_query_at_a_time():
+    """A whole sequence's queries (runs on one batch row, read in chunks) and decoding's one query per row (read
+    through per-query copies) are two ways to the same numbers, gradients included."""
+    from llm_modules.knowledge import KnowledgeLookup, LookupMemory
+
+    torch.manual_seed(0)
+    k = KnowledgeLookup(stream_dim=8, source_dim=6, key_dim=4, top_k=3)
+    k.CHUNK = 4  # runs of 10 and 7 queries cross chunk boundaries
+    states = torch.randn(2, 9, 6)
+    top = torch.randn(2, 9, 12).softmax(-1).topk(3)
+    rows = torch.tensor([0] * 10 + [1] * 7)
+    h = torch.randn(17, 8, requires_grad=True)
+    allowed = torch.rand(17, 9) > 0.3
+    allowed[:, 0] = True
+
+    def run(together: bool):
+        memory = LookupMemory(k.key(states), top.indices, top.values)
+        if together:
+            out = k(h, memory, rows, allowed, vocab_size=10)  # ids 10 and 11 are past the vocabulary
+        else:
+            out = torch.cat([k(h[i:i + 1], memory, rows[i:i + 1], allowed[i:i + 1], 10) for i in range(17)])
+        return (out, *torch.autograd.grad(out.sum(), [h, k.key.weight, k.query.weight]))
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
 def test_lookup_is_causal_and_caches_like_full_recomputation(build):
     """Token conditioning: the memory grows by one source position per step; cached == recomputed."""
     m = build("large_qwen2", "small_gpt_neo", knowledge_path="lookup", lookup_top_k=4, seed=5).eval()
