@@ -8,10 +8,19 @@ and `source` like an LLMModule (nothing here imports the model).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class Session:
+    """A conversation's decoding state, kept from one turn to the next (one row): when the next turn's prompt
+    starts with everything read so far, only its new tokens are read (`LLMModule.resume`)."""
+
+    state: Any = None
 
 
 @torch.no_grad()
@@ -113,12 +122,13 @@ def decode(
     use_cache: bool = True,
     truncate: str | None = None,
     answer_mask: Tensor | None = None,
+    session: Session | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield (next_tokens [B], raw logits [B, V], finished [B]) once per new token.
 
     Finished rows keep receiving `pad_token_id`. Stops when every row has finished.
     `answer_mask` [B, T] marks earlier turns' answers inside the prompt (see `data.encode_prompt`):
-    prompt conditioning reads them as it was trained to.
+    prompt conditioning reads them as it was trained to. `session` carries the caches to the next turn.
     """
     tok = module.tokenizer
     if eos_token_id is None and tok is not None:
@@ -145,10 +155,10 @@ def decode(
         ids, mask = input_ids, attention_mask.long()
         state = None
         if use_cache:
-            logits, state = module.step(input_ids, None, attention_mask, answer_mask=answer_mask)
+            logits, state = _first_step(module, input_ids, attention_mask, answer_mask, session)
         else:
             logits = full_forward_logits(module, ids, mask, input_ids.shape[1], answer_mask)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             scores = process_logits(logits, seen, temperature=temperature if do_sample else 1.0,
                                     top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
                                     repetition_penalty=repetition_penalty)
@@ -166,17 +176,31 @@ def decode(
                             done_now[i] = True
             yield nxt, logits, finished | done_now
             finished = finished | done_now
-            if bool(finished.all()):
-                return
+            if bool(finished.all()) or i == max_new_tokens - 1:
+                return  # the last token is not fed: nothing would read its logits
             seen = torch.cat([seen, nxt[:, None]], 1)
             if use_cache:
+                if session is not None:
+                    session.state = None  # a step cut short (Ctrl-C) leaves its caches half-written
                 logits, state = module.step(nxt[:, None], state)
+                if session is not None:
+                    session.state = state
             else:
                 ids = torch.cat([ids, nxt[:, None]], 1)
                 mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
                 logits = full_forward_logits(module, ids, mask, input_ids.shape[1], answer_mask)
     finally:
         module.train(was_training)
+
+
+def _first_step(module: Any, input_ids: Tensor, attention_mask: Tensor, answer_mask: Tensor | None,
+                session: Session | None) -> tuple[Tensor, Any]:
+    """The prompt's step: from scratch, or going on from the session's state when the prompt continues it."""
+    if session is None or not hasattr(module, "resume"):
+        return module.step(input_ids, None, attention_mask, answer_mask=answer_mask)
+    earlier, session.state = session.state, None  # a step cut short (Ctrl-C) leaves its caches half-written
+    logits, session.state = module.resume(earlier, input_ids, attention_mask, answer_mask)
+    return logits, session.state
 
 
 def generate(

@@ -95,6 +95,8 @@ class DecodeState:
     source_mask: Tensor | None = None  # [B, Ts] over what the source has read (prompt conditioning: the prompt)
     answer_fed: int = 0  # tokens fed after the prompt (prompt conditioning: the first `answer_source_tokens` reach the source)
     lookup: LookupMemory | None = None  # knowledge lookup: keys and top-k predictions of the source positions read
+    ids: Tensor | None = None  # [B, T] every token fed so far (what a later turn must start with to reuse this state)
+    answer_mask: Tensor | None = None  # [B, T] prompt conditioning: 1 on answer tokens fed so far
 
     @property
     def length(self) -> int:
@@ -381,9 +383,12 @@ class LLMModule(nn.Module):
         ones = torch.ones(B, n, dtype=torch.long, device=new_ids.device)
         if state is None:
             state, past = DecodeState(attention_mask=attention_mask.long() if attention_mask is not None else ones), 0
+            state.answer_mask = answer_mask.long() if answer_mask is not None else ones * 0
         else:
             past = state.length
             state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+            state.answer_mask = torch.cat([state.answer_mask, ones], dim=1)  # tokens fed one by one: the answer
+        state.ids = new_ids if state.ids is None else torch.cat([state.ids, new_ids], dim=1)
         mask = state.attention_mask
         positions = position_ids_from_mask(mask)[:, -n:]
         h, state.source_cache = self.source(new_ids, mask, positions, cache=state.source_cache, use_cache=True)
@@ -419,12 +424,68 @@ class LLMModule(nn.Module):
         cached keys/values of the prompt's source states, then one trunk step and the head."""
         ones = torch.ones_like(new_ids)
         state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+        state.answer_mask = torch.cat([state.answer_mask, ones], dim=1)
+        state.ids = torch.cat([state.ids, new_ids], dim=1)
         positions = position_ids_from_mask(state.attention_mask)[:, -new_ids.shape[1]:]
         xmask = cross_attention_mask(state.source_mask, new_ids.shape[1], causal=False)
         embeds = self.bridge.stream(None, state.bridge_kv, xmask, self.answer_embeddings(new_ids))
         hidden, state.trunk_cache = self.generation(embeds, state.attention_mask, positions, cache=state.trunk_cache,
                                                     use_cache=True)
         return self.output_logits(hidden[:, -1], lookup=self._lookup_step(None, xmask, state)).float(), state
+
+    @torch.no_grad()
+    def resume(self, state: DecodeState | None, input_ids: Tensor, attention_mask: Tensor | None = None,
+               answer_mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
+        """`step(input_ids)` for a conversation's next turn: when `state` (left by the turn before) has read a
+        prefix of `input_ids` [1, T], only the rest is read, by every cache; otherwise everything is, afresh.
+
+        Equal to reading the whole conversation anew. Under prompt conditioning the source first catches up on
+        the last answer (the tokens past its first `answer_source_tokens`, which only the trunk read).
+        """
+        if not self._continues(state, input_ids, attention_mask, answer_mask):
+            return self.step(input_ids, None, attention_mask, answer_mask)
+        past = state.length
+        new = input_ids[:, past:]
+        if self.config.conditioning != "prompt":
+            return self.step(new, state)
+        return self._extend(new, answer_mask[:, past:].long() if answer_mask is not None else new * 0, state)
+
+    def _continues(self, state: DecodeState | None, input_ids: Tensor, attention_mask: Tensor | None,
+                   answer_mask: Tensor | None) -> bool:
+        """Whether `input_ids` (one row, no padding) goes on from what `state` has read, marked alike."""
+        if state is None or state.ids is None or input_ids.shape[0] != 1 or input_ids.shape[1] <= state.length:
+            return False
+        if attention_mask is not None and not bool((attention_mask > 0).all()):
+            return False
+        past = state.length
+        if not torch.equal(input_ids[:, :past], state.ids):
+            return False
+        marked = answer_mask[:, :past] > 0 if answer_mask is not None else torch.zeros_like(state.ids, dtype=torch.bool)
+        return self.config.conditioning != "prompt" or torch.equal(marked, state.answer_mask > 0)
+
+    def _extend(self, new_ids: Tensor, new_answer: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        """Prompt conditioning, a later turn: the source reads what it skipped and `new_ids`; the trunk reads
+        `new_ids` (the last answer's unread tail as answer tokens, then the new prompt)."""
+        past, n = state.length, new_ids.shape[1]
+        unread = torch.cat([state.ids[:, state.source_mask.shape[1]:], new_ids], dim=1)
+        source_mask = torch.cat([state.source_mask, torch.ones_like(unread)], dim=1)
+        positions = position_ids_from_mask(source_mask)[:, -unread.shape[1]:]
+        h, state.source_cache = self.source(unread, source_mask, positions, cache=state.source_cache, use_cache=True)
+        p, kvs = self.bridge.project_source(h)
+        state.bridge_kv = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(state.bridge_kv, kvs)]
+        state.ids = torch.cat([state.ids, new_ids], dim=1)
+        state.attention_mask = torch.cat([state.attention_mask, torch.ones_like(new_ids)], dim=1)
+        state.answer_mask = torch.cat([state.answer_mask, new_answer], dim=1)
+        answer = self._prompt_answers(state.answer_mask)
+        xmask = cross_attention_mask(source_mask, n, causal=True, past_len=past,
+                                     key_limit=prompt_limits(answer.long())[:, -n:])
+        embeds = self.bridge.stream(p[:, -n:], state.bridge_kv, xmask, self.answer_embeddings(new_ids), answer[:, -n:])
+        hidden, state.trunk_cache = self.generation(embeds, state.attention_mask,
+                                                    position_ids_from_mask(state.attention_mask)[:, -n:],
+                                                    cache=state.trunk_cache, use_cache=True)
+        state.source_mask, state.answer_fed = source_mask, 0
+        src_logits = self._source_logits(h[:, -1]) if self.knowledge is not None else None
+        return self.output_logits(hidden[:, -1], src_logits, lookup=self._lookup_step(h, xmask, state)).float(), state
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Cached incremental decoding; see llm_modules.decode.generate for the arguments."""

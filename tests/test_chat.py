@@ -18,7 +18,7 @@ def test_stop_is_not_printed_and_the_history_reads_as_trained(fx, monkeypatch, f
     written = "Paris " + stop + " and more" if fmt == "paper" else "Paris" + stop + " and more"
     prompts = []
 
-    def fake_answer(module, prompt, gen_kwargs, on_token, truncate=None):
+    def fake_answer(module, prompt, gen_kwargs, on_token, truncate=None, session=None):
         prompts.append(tok.decode(prompt.input_ids, skip_special_tokens=False))
         for t in tok(written, add_special_tokens=False).input_ids:
             on_token(t)  # the module goes on after the stop: nothing of it may show
@@ -33,3 +33,19 @@ def test_stop_is_not_printed_and_the_history_reads_as_trained(fx, monkeypatch, f
     assert printed.count("module> Paris" + (" " if fmt == "paper" else "") + "\n") == 2
     assert stop not in printed and "and more" not in printed
     assert kept in prompts[1] and stop + stop not in prompts[1] and "and more" not in prompts[1]
+
+
+def test_turns_share_one_session_until_reset(fx, monkeypatch):
+    """The chat keeps one decoding session per conversation (a turn reads only its new tokens); /reset starts
+    another."""
+    tok = AutoTokenizer.from_pretrained(fx["tokenizer"])
+    sessions = []
+
+    def fake_answer(module, prompt, gen_kwargs, on_token, truncate=None, session=None):
+        sessions.append(session)
+        return []
+
+    monkeypatch.setattr(chat, "answer", fake_answer)
+    questions = iter(["a", "b", "/reset", "c", "/exit"])
+    chat.chat_loop(SimpleNamespace(tokenizer=tok), "paper", {}, inp=lambda p: next(questions), out=io.StringIO())
+    assert sessions[0] is not None and sessions[0] is sessions[1] and sessions[2] is not sessions[1]

@@ -8,7 +8,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from ..data import Example, default_stop_strings, encode_prompt
-from ..decode import decode, prepare_prompt
+from ..decode import Session, decode, prepare_prompt
 from .text import AnswerText
 
 
@@ -38,8 +38,9 @@ class TextStreamer:
 
 
 def answer(module: Any, prompt: str | Example, gen_kwargs: dict[str, Any], on_token: Callable[[int], None],
-           truncate: str | None = None) -> list[int]:
-    """Stream one answer to `prompt` (text, or ids with the answer mask of earlier turns from `encode_prompt`)."""
+           truncate: str | None = None, session: Session | None = None) -> list[int]:
+    """Stream one answer to `prompt` (text, or ids with the answer mask of earlier turns from `encode_prompt`);
+    `session` keeps the caches of the conversation's earlier turns, so a turn reads only its new tokens."""
     tok = module.tokenizer
     if isinstance(prompt, str):
         prompt = encode_prompt(tok, "raw", prompt)
@@ -47,7 +48,7 @@ def answer(module: Any, prompt: str | Example, gen_kwargs: dict[str, Any], on_to
     answers = torch.tensor([prompt.answer or [0] * ids.shape[1]], device=module.device)
     ids, mask = prepare_prompt(module, ids, torch.ones_like(ids), gen_kwargs.get("max_new_tokens", 256), truncate)
     out: list[int] = []
-    for nxt, _, finished in decode(module, ids, mask, answer_mask=answers, **gen_kwargs):  # decode cuts it to ids
+    for nxt, _, finished in decode(module, ids, mask, answer_mask=answers, session=session, **gen_kwargs):  # decode cuts it to ids
         t = int(nxt[0])
         out.append(t)
         if t != tok.eos_token_id:
@@ -63,6 +64,7 @@ def chat_loop(module: Any, fmt: str, gen_kwargs: dict[str, Any], system: str | N
     tok = module.tokenizer
     stops = gen_kwargs.setdefault("stop_strings", default_stop_strings(tok, fmt))
     history: list[tuple[str, str]] = []
+    session = Session()
     out.write("llm-modules chat: /reset clears the history, /exit quits, Ctrl-C stops an answer.\n")
     while True:
         try:
@@ -73,7 +75,7 @@ def chat_loop(module: Any, fmt: str, gen_kwargs: dict[str, Any], system: str | N
         if q in ("/exit", "/quit"):
             return
         if q == "/reset":
-            history = []
+            history, session = [], Session()
             out.write("(history cleared)\n")
             continue
         if not q:
@@ -81,7 +83,7 @@ def chat_loop(module: Any, fmt: str, gen_kwargs: dict[str, Any], system: str | N
         streamer = TextStreamer(tok, out, stops)
         out.write("module> ")
         try:
-            answer(module, encode_prompt(tok, fmt, q, history, system), gen_kwargs, streamer.put, truncate)
+            answer(module, encode_prompt(tok, fmt, q, history, system), gen_kwargs, streamer.put, truncate, session)
             streamer.end()
         except KeyboardInterrupt:
             streamer.end()
