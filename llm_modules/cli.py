@@ -160,7 +160,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("chat", help="multi-turn terminal chat", description="Multi-turn chat; history is laid out in the training prompt format. /reset clears it, /exit quits, Ctrl-C stops the current answer.")
+    p = sub.add_parser("chat", help="multi-turn terminal chat", description="Multi-turn chat; history is laid out in the training prompt format. /reset clears it, /exit quits, Ctrl-C stops the current answer. Each turn reads only its new tokens: the caches of the earlier turns are kept.")
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
