@@ -191,7 +191,8 @@ def cmd_cache(args: argparse.Namespace, extra: list[str]) -> None:
 def add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="run the knowledge source once and store its states for training",
                        description="Build the frozen-feature cache of a recipe (what `train` does first when "
-                                   "feature_cache: true). Interrupted builds resume; stale or damaged caches are rebuilt. "
+                                   "feature_cache: true): the source's states, and for a knowledge-lookup module its top-k "
+                                   "next-token tables too. Interrupted builds resume; stale or damaged caches are rebuilt. "
                                    "Recipe keys can be overridden as --key value.")
     p.add_argument("--config", required=True, help="recipe YAML")
     p.set_defaults(func=cmd_cache, takes_extra=True)

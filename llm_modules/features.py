@@ -2,7 +2,9 @@
 
 Layout of a cache folder:
     index.json          key (what the features depend on), shards, their sha256, example -> location
-    shard-00000.safetensors ...  "states": [tokens, L] in fp16/bf16, examples laid end to end
+    shard-00000.safetensors ...  "states": [tokens, L] in fp16/bf16, examples laid end to end; for a module with
+                        the knowledge lookup also "top_ids" [tokens, k] int32 and "top_probs" [tokens, k] float32,
+                        the source's k most likely next tokens at each position (so training never loads the source)
 
 The key covers the source's fingerprint, the token ids of every example (so the dataset content,
 the tokenizer, the prompt format and the length filter), the layer read and the storage dtype. A
@@ -28,6 +30,7 @@ from torch import Tensor
 from .config import torch_dtype
 from .data import Example, collate
 from .io import atomic_write, atomic_write_text
+from .knowledge import top_predictions
 from .source import KnowledgeSource
 
 INDEX = "index.json"
@@ -75,11 +78,13 @@ class FeatureCache:
         self.locs = {eid: _Loc(*v) for eid, v in index["examples"].items()}
         self._files: dict[int, Any] = {}
         self.fingerprint: dict[str, Any] | None = None  # of the source the features came from
+        self.top_k: int = index.get("top_k", 0)  # the lookup's top-k tables are stored (0: states only)
 
     # -- build ----------------------------------------------------------------------------
     @staticmethod
-    def estimate_bytes(examples: Sequence[Example], hidden: int, dtype: str) -> int:
-        return sum(len(e.input_ids) for e in examples) * hidden * torch.tensor([], dtype=torch_dtype(dtype)).element_size()
+    def estimate_bytes(examples: Sequence[Example], hidden: int, dtype: str, top_k: int = 0) -> int:
+        per_token = hidden * torch.tensor([], dtype=torch_dtype(dtype)).element_size() + top_k * 8  # int32 + float32
+        return sum(len(e.input_ids) for e in examples) * per_token
 
     @classmethod
     def build(
@@ -97,10 +102,12 @@ class FeatureCache:
         world_size: int = 1,
         barrier: Callable[[], None] | None = None,
         log: Callable[[str], None] = print,
+        top_k: int = 0,
     ) -> "FeatureCache | None":
         """Compute and store the features; resumes finished shards. Under several processes each
         rank writes shards rank, rank + world, ... and returns None; after a barrier rank 0 calls
-        `finish` to write the index, and every rank `open`s it."""
+        `finish` to write the index, and every rank `open`s it. `top_k` > 0 also stores the knowledge
+        lookup's tables (the source must have its head)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         uniq: dict[str, Example] = {}
@@ -139,33 +146,34 @@ class FeatureCache:
             if src is None:
                 src = source() if callable(source) and not isinstance(source, KnowledgeSource) else source
                 hidden = src.hidden_size
-                need = cls.estimate_bytes([uniq[i] for i in ids], hidden, dtype)
+                need = cls.estimate_bytes([uniq[i] for i in ids], hidden, dtype, top_k)
                 free = shutil.disk_usage(folder).free
                 log(f"feature cache: {len(ids)} examples, {need / 2**20:.1f} MiB in {dtype}, {len(plan)} shard(s) at {folder}")
                 if need > free * 0.95:
                     raise OSError(f"{folder}: the feature cache needs {need / 2**30:.2f} GiB but only "
                                   f"{free / 2**30:.2f} GiB is free; free space or set cache_dir elsewhere")
-            states = _run_source(src, [uniq[i] for i in members], batch_size, pad_id, torch_dtype(dtype))
-            atomic_write(path, lambda tmp: save_file({"states": states}, tmp))
+            tensors = _run_source(src, [uniq[i] for i in members], batch_size, pad_id, torch_dtype(dtype), top_k)
+            atomic_write(path, lambda tmp: save_file(tensors, tmp))
             # One record per shard, so ranks never write the same file.
             atomic_write_text(folder / f"done-{s:05d}.json", json.dumps({"sha256": file_sha256(path)}))
         if world_size > 1:
             return None
-        return cls._write_index(folder, key, plan, uniq, dtype)
+        return cls._write_index(folder, key, plan, uniq, dtype, top_k)
 
     @classmethod
-    def finish(cls, folder: str | os.PathLike, examples: Sequence[Example], key: dict[str, Any], dtype: str) -> "FeatureCache":
+    def finish(cls, folder: str | os.PathLike, examples: Sequence[Example], key: dict[str, Any], dtype: str,
+               top_k: int = 0) -> "FeatureCache":
         """Rank 0, after every rank's `build`: write the index over all ranks' shards."""
         folder = Path(folder)
         plan = json.loads((folder / PROGRESS).read_text())["plan"]
         uniq: dict[str, Example] = {}
         for e in examples:
             uniq.setdefault(example_id(e), e)
-        return cls._write_index(folder, key, plan, uniq, dtype)
+        return cls._write_index(folder, key, plan, uniq, dtype, top_k)
 
     @classmethod
     def _write_index(cls, folder: Path, key: dict[str, Any], plan: list[list[str]], uniq: dict[str, Example],
-                     dtype: str) -> "FeatureCache":
+                     dtype: str, top_k: int = 0) -> "FeatureCache":
         done = _finished_shards(folder)
         locs: dict[str, list[int]] = {}
         for s, members in enumerate(plan):
@@ -174,7 +182,7 @@ class FeatureCache:
                 n = len(uniq[eid].input_ids)
                 locs[eid] = [s, start, n]
                 start += n
-        index = {"key": key, "dtype": dtype, "shards": [{"file": f"shard-{s:05d}.safetensors", "sha256": done[s]}
+        index = {"key": key, "dtype": dtype, "top_k": top_k, "shards": [{"file": f"shard-{s:05d}.safetensors", "sha256": done[s]}
                                                         for s in range(len(plan))], "examples": locs}
         atomic_write_text(folder / INDEX, json.dumps(index))
         return cls(folder, index)
@@ -202,26 +210,34 @@ class FeatureCache:
             self._files[shard] = safe_open(str(self.folder / self.index["shards"][shard]["file"]), framework="pt")
         return self._files[shard]
 
-    def states(self, e: Example) -> Tensor:
+    def states(self, e: Example, name: str = "states") -> Tensor:
         loc = self.locs.get(example_id(e))
         if loc is None:
             raise KeyError(f"example {e.where or '?'} is not in the feature cache at {self.folder}")
-        return self._file(loc.shard).get_slice("states")[loc.start : loc.start + loc.length]
+        return self._file(loc.shard).get_slice(name)[loc.start : loc.start + loc.length]
 
-    def batch(self, rows: Sequence[Example | Sequence[Example]], device: torch.device | str = "cpu") -> Tensor:
-        """Source states [B, T, L] for a batch laid out as `collate` / `collate_packed` lay it (right padding)."""
-        seqs = [torch.cat([self.states(e) for e in (r if isinstance(r, (list, tuple)) else [r])]) for r in rows]
+    def batch(self, rows: Sequence[Example | Sequence[Example]], device: torch.device | str = "cpu",
+              name: str = "states") -> Tensor:
+        """Source states [B, T, L] (or another stored tensor, `name`) for a batch laid out as `collate` /
+        `collate_packed` lay it (right padding, zeros)."""
+        seqs = [torch.cat([self.states(e, name) for e in (r if isinstance(r, (list, tuple)) else [r])]) for r in rows]
         T = max(s.shape[0] for s in seqs)
         out = seqs[0].new_zeros(len(seqs), T, seqs[0].shape[1])
         for i, s in enumerate(seqs):
             out[i, : s.shape[0]] = s
         return out.to(device)
 
+    def top(self, rows: Sequence[Example | Sequence[Example]], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor] | None:
+        """The knowledge lookup's tables (ids, probs) [B, T, k] for a batch, or None when the cache holds states only."""
+        if not self.top_k:
+            return None
+        return self.batch(rows, device, "top_ids"), self.batch(rows, device, "top_probs")
+
     @classmethod
     def open_or_build(cls, folder: str | os.PathLike, examples: Sequence[Example], key: dict[str, Any],
                       load_source: Callable[[], KnowledgeSource], *, dtype: str, pad_id: int,
                       log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
-                      barrier: Callable[[], None] | None = None) -> "FeatureCache":
+                      barrier: Callable[[], None] | None = None, top_k: int = 0) -> "FeatureCache":
         """The cache at `folder` for `examples`, building (or rebuilding) it when absent, stale or damaged.
 
         `load_source` is called only when something must be computed. Under several processes
@@ -239,12 +255,12 @@ class FeatureCache:
         # Shard size in tokens (env override: small shards for tests of distributed builds).
         shard_tokens = int(os.environ.get("LLM_MODULES_SHARD_TOKENS", 1 << 20))
         cache = cls.build(folder, examples, key, load_source, dtype=dtype, shard_tokens=shard_tokens, pad_id=pad_id,
-                          rank=rank, world_size=world_size, barrier=barrier, log=log)
+                          rank=rank, world_size=world_size, barrier=barrier, log=log, top_k=top_k)
         if world_size > 1:
             assert barrier is not None
             barrier()
             if rank == 0:
-                cls.finish(folder, examples, key, dtype)
+                cls.finish(folder, examples, key, dtype, top_k)
             barrier()
             cache = cls.open(folder, key)
             if cache is None:
@@ -272,15 +288,23 @@ def _finished_shards(folder: Path) -> dict[int, str]:
 
 @torch.no_grad()
 def _run_source(source: KnowledgeSource, examples: Sequence[Example], batch_size: int, pad_id: int,
-                dtype: torch.dtype) -> Tensor:
-    """States of `examples` laid end to end: [sum of lengths, L]. Batches of similar length waste little padding."""
+                dtype: torch.dtype, top_k: int = 0) -> dict[str, Tensor]:
+    """States of `examples` laid end to end, [sum of lengths, L] (with `top_k`, also the lookup's tables, read by
+    the source's head from the states as stored, as training from the cache would). Batches of similar length
+    waste little padding."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    out: list[Tensor | None] = [None] * len(examples)
+    out: dict[str, list[Tensor | None]] = {n: [None] * len(examples) for n in ("states", "top_ids", "top_probs")}
     device = next(source.parameters()).device
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         b = collate([examples[j] for j in idx], pad_id)
         h, _ = source(b["input_ids"].to(device), b["attention_mask"].to(device))
+        h = h.to(dtype)
+        top = top_predictions(h, source.next_token_logits, top_k) if top_k else None
         for row, j in enumerate(idx):
-            out[j] = h[row, : len(examples[j].input_ids)].to("cpu", dtype)
-    return torch.cat(out)  # type: ignore[arg-type]
+            n = len(examples[j].input_ids)
+            out["states"][j] = h[row, :n].cpu()
+            if top is not None:
+                out["top_ids"][j] = top[0][row, :n].to("cpu", torch.int32)
+                out["top_probs"][j] = top[1][row, :n].cpu()
+    return {name: torch.cat(parts) for name, parts in out.items() if parts[0] is not None}  # type: ignore[misc]

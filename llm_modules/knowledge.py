@@ -86,16 +86,12 @@ class KnowledgeLookup(nn.Module):
         self.key = nn.Linear(source_dim, key_dim)
         self.scale = _gate(stream_dim)
 
-    def memory(self, source_states: Tensor, source_logits: Callable[[Tensor], Tensor]) -> LookupMemory:
-        """Keys and top-k predictions of every source position; `source_logits` is the source's frozen head
-        (run over chunks of positions, so the [B, T, V_source] logits never exist at once)."""
-        ids, probs = [], []
-        with torch.no_grad():  # the source and its head are frozen; only keys carry gradients
-            for chunk in source_states.split(self.CHUNK, dim=1):
-                top = source_logits(chunk).float().log_softmax(-1).topk(self.top_k, dim=-1)
-                ids.append(top.indices)
-                probs.append(top.values.exp())
-        return LookupMemory(self.key(source_states.to(self.key.weight.dtype)), torch.cat(ids, 1), torch.cat(probs, 1))
+    def memory(self, source_states: Tensor, source_logits: Callable[[Tensor], Tensor] | None = None,
+               top: tuple[Tensor, Tensor] | None = None) -> LookupMemory:
+        """Keys and top-k predictions of every source position: `top` = (ids, probs) [B, T, k] as the feature cache
+        stores them, or computed by `source_logits`, the source's frozen head."""
+        ids, probs = top if top is not None else top_predictions(source_states, source_logits, self.top_k)
+        return LookupMemory(self.key(source_states.to(self.key.weight.dtype)), ids.long(), probs.float())
 
     def forward(self, hidden: Tensor, memory: LookupMemory, rows: Tensor, allowed: Tensor, vocab_size: int) -> Tensor:
         """scale(h) * log(mixture) [N, V] for N query states `hidden` [N, S]; `rows` [N] is each query's batch row
@@ -124,6 +120,19 @@ class KnowledgeLookup(nn.Module):
         mix = weights.new_zeros(len(hidden), vocab_size)
         mix.scatter_add_(1, ids.flatten(-2).expand(len(hidden), -1), weights)
         return F.softplus(self.scale(hidden)).float() * (mix + self.EPS).log()
+
+
+@torch.no_grad()
+def top_predictions(source_states: Tensor, source_logits: Callable[[Tensor], Tensor], k: int,
+                    chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """(ids, probs) [..., T, k] of the source's k most likely next tokens at each position, its head run over chunks
+    of positions so the [..., T, V_source] logits never exist at once. The head is frozen: no gradients."""
+    ids, probs = [], []
+    for part in source_states.split(chunk, dim=-2):
+        top = source_logits(part).float().log_softmax(-1).topk(k, dim=-1)
+        ids.append(top.indices)
+        probs.append(top.values.exp())
+    return torch.cat(ids, -2), torch.cat(probs, -2)
 
 
 def _clean(ids: Tensor, probs: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:

@@ -79,10 +79,11 @@ def evaluate_loss(model: Any, examples: Sequence[Example], batch_size: int = 8, 
             chunk = examples[i : i + batch_size]
             batch = {k: v.to(model.device) for k, v in collate(chunk, pad_id).items()}
             states = features.batch(chunk, model.device) if features is not None else None
+            top = features.top(chunk, model.device) if features is not None else None
             with autocast() if autocast is not None else contextlib.nullcontext():
                 out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
                             source_states=states, return_logits=False, loss_chunk_size=4096,
-                            answer_mask=batch["answer_mask"])
+                            answer_mask=batch["answer_mask"], **({"source_top": top} if top is not None else {}))
             total += float(out.loss) * out.num_tokens
             count += out.num_tokens
     finally:

@@ -245,14 +245,18 @@ class LLMModule(nn.Module):
             logits = logits.float() + extra.view(*hidden.shape[:-1], V)
         return logits
 
-    def _lookup_inputs(self, source_states: Tensor, xmask: Tensor) -> tuple[LookupMemory, Tensor, Tensor] | None:
+    def _lookup_inputs(self, source_states: Tensor, xmask: Tensor,
+                       top: tuple[Tensor, Tensor] | None = None) -> tuple[LookupMemory, Tensor, Tensor] | None:
         """(memory, rows, allowed) for every position of a whole-sequence forward: each position reads the
         source positions the bridge reads (`xmask` [B, 1, T, T], the bridge's cross-attention mask)."""
         if self.lookup is None:
             return None
+        if top is not None and top[0].shape[-1] != self.lookup.top_k:
+            raise ValueError(f"the feature cache holds the top {top[0].shape[-1]} predictions per position; this "
+                             f"module's lookup reads {self.lookup.top_k}")
         B, T = xmask.shape[0], xmask.shape[-2]
         rows = torch.arange(B, device=xmask.device)[:, None].expand(B, T)
-        return self.lookup.memory(source_states, self._source_logits), rows, xmask[:, 0]
+        return self.lookup.memory(source_states, self._source_logits, top), rows, xmask[:, 0]
 
     def answer_embeddings(self, ids: Tensor) -> Tensor:
         """Prompt conditioning: the input embedding of answer tokens (the head's weight, unless untied)."""
@@ -278,6 +282,7 @@ class LLMModule(nn.Module):
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
         answer_mask: Tensor | None = None,
+        source_top: tuple[Tensor, Tensor] | None = None,
     ) -> ModuleOutput:
         """Logits [B, T, V] and, given labels, the mean shifted cross-entropy (ignore_index -100).
 
@@ -289,6 +294,8 @@ class LLMModule(nn.Module):
         knowledge path) run only at positions with a target. Distillation needs every position.
         `distill_weight` adds that times KL(source || module) over every real position.
         `answer_mask` [B, T] (1 inside assistant answers) is read under prompt conditioning only.
+        `source_top` (ids, probs) [B, T, k]: the knowledge lookup's tables from the feature cache (else the source's
+        head computes them).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -310,7 +317,7 @@ class LLMModule(nn.Module):
             embeds = self.bridge(source_states, attention_mask, answer.long(), self.answer_embeddings(input_ids), xmask)
         trunk_mask, positions = decoder_inputs(attention_mask, embeds.dtype, reference=reference)
         hidden, _ = self.generation(embeds, trunk_mask, positions)
-        lookup = self._lookup_inputs(source_states, xmask)
+        lookup = self._lookup_inputs(source_states, xmask, source_top)
         if labels is not None and not return_logits and not distill_weight:
             # Training: logits only where there is a target (answers only, with assistant-only labels).
             out = ModuleOutput()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llm_modules import features as F_
-from llm_modules.data import Formatter, parse_row
+from llm_modules.data import Formatter, collate, parse_row
 from llm_modules.features import FeatureCache, cache_key
 from llm_modules.fixtures import arith_rows
 from llm_modules.source import KnowledgeSource, fingerprint_from_files
@@ -111,3 +111,28 @@ def test_refuses_when_disk_is_short(fx, tmp_path, monkeypatch):
 def test_fingerprint_from_files_equals_loaded(fx):
     for name in ("large_qwen2", "large_llama"):
         assert fingerprint_from_files(fx[name]) == KnowledgeSource.from_pretrained(fx[name], "bfloat16").fingerprint()
+
+
+def test_lookup_tables_are_the_heads_top_k_over_the_stored_states(build, fx, tmp_path):
+    """A cache for a knowledge-lookup module also stores the source's top-k predictions per position, read from the
+    states as stored: training from them gives the loss and gradients of the head reading the cached states."""
+    exs = _examples(fx, 12)
+    src = KnowledgeSource.from_pretrained(fx["large_qwen2"], "float32", keep_head=True)
+    key = cache_key(fingerprint_from_files(fx["large_qwen2"]), exs, -1, "float16", {"lookup_top_k": 6})
+    cache = FeatureCache.build(tmp_path, exs, key, src, top_k=6, log=lambda s: None)
+    assert FeatureCache.open(tmp_path, key).top_k == 6
+    m = build(conditioning="prompt", knowledge_path="lookup", lookup_top_k=6, seed=3).eval()
+    with torch.no_grad():
+        m.lookup.query.weight.normal_(0, 1.0)
+    batch = collate(exs[:4], 0)
+    states, top = cache.batch(exs[:4]), cache.top(exs[:4])
+    assert top[0].shape == (*states.shape[:2], 6) and top[0].dtype == torch.int32
+    kw = dict(labels=batch["labels"], answer_mask=batch["answer_mask"], source_states=states, return_logits=False)
+    stored = m(batch["input_ids"], batch["attention_mask"], source_top=top, **kw)
+    live = m(batch["input_ids"], batch["attention_mask"], **kw)
+    assert abs(stored.loss.item() - live.loss.item()) <= 1e-5
+    ga, gb = (torch.autograd.grad(o.loss, m.lookup.key.weight)[0] for o in (stored, live))
+    assert (ga - gb).abs().max() <= 1e-5 * ga.abs().max()
+    with pytest.raises(ValueError, match="holds the top 6 predictions per position; this module's lookup reads 4"):
+        build(conditioning="prompt", knowledge_path="lookup", lookup_top_k=4)(
+            batch["input_ids"], batch["attention_mask"], source_top=top, **kw)

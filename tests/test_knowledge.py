@@ -1,5 +1,6 @@
 """The knowledge path: the module starts as the source, stays causal, decodes with caches, saves and trains."""
 
+import dataclasses
 import json
 
 import pytest
@@ -109,13 +110,24 @@ def test_gate_scales_source_log_probs_per_position():
 
 @pytest.mark.parametrize("path,extra", [("logits", {"distill_weight": 1.0}),
                                         ("lookup", {"conditioning": "prompt", "lookup_top_k": 8})])
-def test_training_with_knowledge_path_and_feature_cache(tiny_train_config, tmp_path, path, extra):
-    """The recipe path end to end: states from the cache, the source loaded for its head only."""
+def test_training_with_knowledge_path_and_feature_cache(tiny_train_config, tmp_path, monkeypatch, path, extra):
+    """The recipe path end to end: states from the cache; the source loaded for its head only (knowledge path
+    and distillation), or not at all (the lookup: its tables are in the cache)."""
+    from llm_modules.source import KnowledgeSource
     from llm_modules.training import train
 
-    cfg = tiny_train_config(knowledge_path=path, feature_cache=True, epochs=2, output_dir=str(tmp_path / "k"), **extra)
-    assert cfg.needs_source_head
+    cfg = tiny_train_config(knowledge_path=path, feature_cache=True, epochs=2, output_dir=str(tmp_path / "k"),
+                            cache_dir=str(tmp_path / "cache"), **extra)
+    assert cfg.needs_source_head == (path == "logits")
     r = train(cfg, log=lambda s: None)
+    if path == "lookup":  # once the cache is built, training never loads the source
+        def boom(*a, **k):
+            raise AssertionError("the knowledge source was loaded")
+
+        with monkeypatch.context() as mp:
+            mp.setattr(KnowledgeSource, "from_pretrained", boom)
+            again = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "again")), log=lambda s: None)
+        assert again.best_val_loss == r.best_val_loss
     assert r.best_val_loss < r.first_val_loss
     saved = json.loads((tmp_path / "k" / "best" / "llm_module.json").read_text())
     assert saved["knowledge_path"] == path

@@ -93,7 +93,10 @@ def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Pat
                   num_heads=4, adapter_dim=64, dropout=0.0, format="plain", data=str(data / "train.jsonl"),
                   val_data=str(data / "val.jsonl"), seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
                   lr_bridge=cfg.lr, lr_small=cfg.lr, warmup_steps=10, output_dir=str(run), progress=cfg.progress,
-                  tensorboard=False, patience=0, max_length=128, feature_cache=True, cache_dir=str(data.parent.parent / "features"))
+                  tensorboard=False, patience=0, max_length=128, feature_cache=True,
+                  # A lookup module's cache also holds the source's top-k tables: its own folder, so the systems do
+                  # not rebuild one shared cache in turn.
+                  cache_dir=str(data.parent.parent / ("features-lookup" if knowledge == "lookup" else "features")))
     recipe.update(knowledge_path=knowledge, distill_weight=distill, conditioning=conditioning,
                   answer_source_tokens=cfg.answer_source_tokens if conditioning == "prompt" else 0)
     desc = ("paper" if knowledge == "none" else knowledge) + ("+kd" if distill else "") + f" {conditioning} s{seed}"

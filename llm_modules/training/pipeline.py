@@ -81,11 +81,16 @@ def open_features(cfg: TrainConfig, examples: list[Example], tokenizer: Any, log
         fp = KnowledgeSource.from_pretrained(m.large_model, m.source_dtype, m.source_layer).fingerprint()
     depends = {"format": m.prompt.format, "loss_on": m.prompt.loss_on, "max_length": cfg.max_length,
                "source_dtype": m.source_dtype}
+    top_k = m.lookup_top_k if m.knowledge_path == "lookup" else 0
+    if top_k:  # the lookup's tables are stored too: training then never needs the source
+        depends["lookup_top_k"] = top_k
     key = cache_key(fp, examples, m.source_layer, cfg.cache_dtype, depends)
     folder = Path(cfg.cache_dir or Path(cfg.output_dir) / "features")
     cache = FeatureCache.open_or_build(
-        folder, examples, key, lambda: KnowledgeSource.from_pretrained(m.large_model, m.source_dtype, m.source_layer),
-        dtype=cfg.cache_dtype, pad_id=pad_id(tokenizer), log=log, rank=rank, world_size=world_size, barrier=barrier)
+        folder, examples, key,
+        lambda: KnowledgeSource.from_pretrained(m.large_model, m.source_dtype, m.source_layer, keep_head=bool(top_k)),
+        dtype=cfg.cache_dtype, pad_id=pad_id(tokenizer), log=log, rank=rank, world_size=world_size, barrier=barrier,
+        top_k=top_k)
     cache.fingerprint = fp
     return cache
 

@@ -152,8 +152,10 @@ class TrainConfig:
 
     @property
     def needs_source_head(self) -> bool:
-        """The knowledge path and distillation read the source's next-token predictions."""
-        return self.module.knowledge_path != "none" or self.distill_weight > 0
+        """Training reads the source's next-token predictions: the knowledge path and distillation do, and the
+        knowledge lookup unless the feature cache holds its tables."""
+        lookup_live = self.module.knowledge_path == "lookup" and not self.feature_cache
+        return self.module.knowledge_path == "logits" or lookup_live or self.distill_weight > 0
 
     def validate(self, where: str = "config") -> None:
         checks = [

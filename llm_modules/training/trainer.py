@@ -36,7 +36,8 @@ class Trainee(Protocol):
     """What the Trainer needs of a model (LLMModule has all of it)."""
 
     def __call__(self, input_ids: Any, attention_mask: Any, *, labels: Any, source_states: Any = None,
-                 return_logits: bool = False, loss_chunk_size: int | None = None, answer_mask: Any = None) -> Any: ...
+                 return_logits: bool = False, loss_chunk_size: int | None = None, answer_mask: Any = None,
+                 source_top: Any = None) -> Any: ...
     def param_groups(self) -> dict[str, list[torch.nn.Parameter]]: ...
     def save_pretrained(self, path: Any, write_extra: Callable[[Path], None] | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None: ...
@@ -218,15 +219,17 @@ class Trainer:
         loss_sum = 0.0
         for k, ((b, w), (c, _)) in enumerate(zip(batches, collated)):
             c = {key: v.to(device) for key, v in c.items()}
-            src = None
+            src, top = None, None
             if self.features is not None:
-                src = self.features.batch([[self.train_ex[i] for i in u] for u in b], device)
+                rows = [[self.train_ex[i] for i in u] for u in b]
+                src, top = self.features.batch(rows, device), self.features.top(rows, device)
             sync = contextlib.nullcontext() if k == len(batches) - 1 else acc.no_sync(self.model)
             with sync:
                 with acc.autocast():
                     out = self.model(c["input_ids"], c["attention_mask"], labels=c["labels"], source_states=src,
                                      return_logits=False, loss_chunk_size=cfg.loss_chunk_size or None,
-                                     answer_mask=c["answer_mask"], **self.loss_options)
+                                     answer_mask=c["answer_mask"], **self.loss_options,
+                                     **({"source_top": top} if top is not None else {}))
                 # Token-weighted mean over the global window; DDP averages over ranks, so scale by world.
                 loss = out.loss * (w * out.num_tokens / max(n_tok, 1.0))
                 acc.backward(loss * self.world)
