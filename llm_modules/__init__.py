@@ -14,7 +14,7 @@ _EXPORTS = {
     "Adapter": "bridge", "Bridge": "bridge", "CrossAttention": "bridge", "EnhancedCrossAttention": "bridge",
     "Gate": "bridge",
     "KnowledgeSource": "source",
-    "GenerationModule": "model", "LLMModule": "model", "DecodeState": "model",
+    "GenerationModule": "model", "LLMModule": "model", "DecodeState": "incremental",
     "generate": "decode", "decode": "decode",
     "TrainConfig": "training.recipe", "Trainer": "training.trainer", "train": "training.trainer",
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -14,12 +14,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
+from . import incremental
 from .bridge import Bridge
 from .config import ModuleConfig, position_limit
+from .incremental import DecodeState
 from .knowledge import KnowledgeLookup, KnowledgePath, LookupMemory, distill_loss
 from .io import atomic_dir, read_safetensors
 from .loss import shifted_loss
-from .masks import cross_attention_mask, decoder_inputs, delay_answers, position_ids_from_mask, prompt_limits
+from .masks import decoder_inputs, delay_answers
 from .source import KnowledgeSource, fingerprints_match, load_model_config, load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -82,25 +84,6 @@ class ModuleOutput:
     loss: Tensor | None = None
     logits: Tensor | None = None
     num_tokens: int = 0
-
-
-@dataclass
-class DecodeState:
-    """What `LLMModule.step` carries from one decoding step to the next: three caches."""
-
-    attention_mask: Tensor  # [B, T] over all tokens so far (0 = left padding)
-    source_cache: Any = None  # the knowledge source's KV cache
-    trunk_cache: Any = None  # the small trunk's KV cache
-    bridge_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, [B, H, T, Dh]
-    source_mask: Tensor | None = None  # [B, Ts] over what the source has read (prompt conditioning: the prompt)
-    answer_fed: int = 0  # tokens fed after the prompt (prompt conditioning: the first `answer_source_tokens` reach the source)
-    lookup: LookupMemory | None = None  # knowledge lookup: keys and top-k predictions of the source positions read
-    ids: Tensor | None = None  # [B, T] every token fed so far (what a later turn must start with to reuse this state)
-    answer_mask: Tensor | None = None  # [B, T] prompt conditioning: 1 on answer tokens fed so far
-
-    @property
-    def length(self) -> int:
-        return self.attention_mask.shape[1]
 
 
 class LLMModule(nn.Module):
@@ -222,7 +205,8 @@ class LLMModule(nn.Module):
             raise ValueError("this module has no knowledge source attached; pass source_states")
         return self.source(input_ids, attention_mask)[0]
 
-    def _source_logits(self, source_states: Tensor) -> Tensor:
+    def source_logits(self, source_states: Tensor) -> Tensor:
+        """The source's own next-token logits from its final states (its frozen head)."""
         if self.source is None or self.source.head is None:
             raise ValueError("the knowledge path and distillation read the source's head: attach a knowledge "
                              "source loaded with keep_head=True (feature caches hold states only)")
@@ -256,7 +240,7 @@ class LLMModule(nn.Module):
                              f"module's lookup reads {self.lookup.top_k}")
         B, T = xmask.shape[0], xmask.shape[-2]
         rows = torch.arange(B, device=xmask.device)[:, None].expand(B, T)
-        return self.lookup.memory(source_states, self._source_logits, top), rows, xmask[:, 0]
+        return self.lookup.memory(source_states, self.source_logits, top), rows, xmask[:, 0]
 
     def answer_embeddings(self, ids: Tensor) -> Tensor:
         """Prompt conditioning: the input embedding of answer tokens (the head's weight, unless untied)."""
@@ -264,7 +248,7 @@ class LLMModule(nn.Module):
             return self.answer_embed(ids)
         return F.embedding(ids, self.generation.lm_head.weight)
 
-    def _prompt_answers(self, answer_mask: Tensor | None) -> Tensor | None:
+    def prompt_answers(self, answer_mask: Tensor | None) -> Tensor | None:
         """The answer positions that prompt conditioning treats apart (None in token conditioning)."""
         if self.config.conditioning != "prompt" or answer_mask is None:
             return None
@@ -309,7 +293,7 @@ class LLMModule(nn.Module):
         self.check_length(input_ids.shape[1])
         if source_states is None:
             source_states = self._source_states(input_ids, attention_mask)
-        answer = self._prompt_answers(answer_mask)
+        answer = self.prompt_answers(answer_mask)
         xmask = self.bridge.cross_mask(attention_mask, None if answer is None else answer.long())
         if answer is None:
             embeds = self.bridge(source_states, attention_mask, mask=xmask)
@@ -325,7 +309,7 @@ class LLMModule(nn.Module):
             return out
         src_logits = None
         if self.knowledge is not None or distill_weight:
-            src_logits = self._source_logits(source_states)
+            src_logits = self.source_logits(source_states)
         out = ModuleOutput(logits=self.output_logits(hidden, src_logits, answer, lookup))
         if labels is not None:
             out.loss, out.num_tokens = shifted_loss(labels, logits=out.logits)
@@ -351,7 +335,7 @@ class LLMModule(nn.Module):
         rows, allowed = (at(lookup[1]), at(lookup[2])) if lookup is not None else (None, None)
 
         def ce_sum(i: int, j: int, h_chunk: Tensor) -> Tensor:
-            src = self._source_logits(states[i:j]) if states is not None else None
+            src = self.source_logits(states[i:j]) if states is not None else None
             look = (lookup[0], rows[i:j], allowed[i:j]) if lookup is not None else None
             logits = self.output_logits(h_chunk, src, None if ans is None else ans[i:j], look)
             return F.cross_entropy(logits.float(), y[i:j], reduction="sum")
@@ -370,7 +354,6 @@ class LLMModule(nn.Module):
         """Incremental decoding needs a causal bridge: the reference's changes earlier positions as text grows."""
         return not self.config.reference_compat
 
-    @torch.no_grad()
     def step(self, new_ids: Tensor, state: DecodeState | None = None,
              attention_mask: Tensor | None = None, answer_mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
         """Feed `new_ids` [B, n] (the whole prompt first, then a token at a time); return the last logits [B, V].
@@ -379,68 +362,12 @@ class LLMModule(nn.Module):
         keys/values over source positions (appended, never recomputed) and the trunk's KV cache.
         Matches `forward` on the whole text so far. `answer_mask` [B, n] marks earlier turns' answers
         in the prompt (prompt conditioning only; the prompt's last token must not be inside an answer).
+        See `llm_modules.incremental`.
         """
         if not self.supports_cache:
             raise ValueError("attention 'reference' is not causal: decode it by full recomputation")
-        if state is not None and self.config.conditioning == "prompt":
-            state.answer_fed += new_ids.shape[1]
-            if state.answer_fed > self.config.answer_source_tokens:
-                return self._answer_step(new_ids, state)
-        B, n = new_ids.shape
-        ones = torch.ones(B, n, dtype=torch.long, device=new_ids.device)
-        if state is None:
-            state, past = DecodeState(attention_mask=attention_mask.long() if attention_mask is not None else ones), 0
-            state.answer_mask = answer_mask.long() if answer_mask is not None else ones * 0
-        else:
-            past = state.length
-            state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
-            state.answer_mask = torch.cat([state.answer_mask, ones], dim=1)  # tokens fed one by one: the answer
-        state.ids = new_ids if state.ids is None else torch.cat([state.ids, new_ids], dim=1)
-        mask = state.attention_mask
-        positions = position_ids_from_mask(mask)[:, -n:]
-        h, state.source_cache = self.source(new_ids, mask, positions, cache=state.source_cache, use_cache=True)
-        p, kvs = self.bridge.project_source(h)
-        if state.bridge_kv:
-            kvs = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(state.bridge_kv, kvs)]
-        state.bridge_kv = kvs
-        answer = self._prompt_answers(answer_mask) if past == 0 else None
-        if answer is None:
-            xmask = cross_attention_mask(mask, n, causal=True, past_len=past)
-            embeds = self.bridge.stream(p, kvs, xmask)
-        else:
-            xmask = cross_attention_mask(mask, n, causal=True, key_limit=prompt_limits(answer.long()))
-            embeds = self.bridge.stream(p, kvs, xmask, self.answer_embeddings(new_ids), answer)
-        hidden, state.trunk_cache = self.generation(embeds, mask, positions, cache=state.trunk_cache, use_cache=True)
-        src_logits = self._source_logits(h[:, -1]) if self.knowledge is not None else None
-        state.source_mask = mask
-        return self.output_logits(hidden[:, -1], src_logits, lookup=self._lookup_step(h, xmask, state)).float(), state
+        return incremental.step(self, new_ids, state, attention_mask, answer_mask)
 
-    def _lookup_step(self, new_states: Tensor | None, xmask: Tensor,
-                     state: DecodeState) -> tuple[LookupMemory, Tensor, Tensor] | None:
-        """The lookup's inputs for the last new position; the memory grows by the source states just read."""
-        if self.lookup is None:
-            return None
-        if new_states is not None:
-            more = self.lookup.memory(new_states, self._source_logits)
-            state.lookup = more if state.lookup is None else state.lookup.extend(more)
-        B = xmask.shape[0]
-        return state.lookup, torch.arange(B, device=xmask.device), xmask[:, 0, -1]
-
-    def _answer_step(self, new_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
-        """Prompt conditioning, inside the answer: no source step. The new tokens' own embeddings query the
-        cached keys/values of the prompt's source states, then one trunk step and the head."""
-        ones = torch.ones_like(new_ids)
-        state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
-        state.answer_mask = torch.cat([state.answer_mask, ones], dim=1)
-        state.ids = torch.cat([state.ids, new_ids], dim=1)
-        positions = position_ids_from_mask(state.attention_mask)[:, -new_ids.shape[1]:]
-        xmask = cross_attention_mask(state.source_mask, new_ids.shape[1], causal=False)
-        embeds = self.bridge.stream(None, state.bridge_kv, xmask, self.answer_embeddings(new_ids))
-        hidden, state.trunk_cache = self.generation(embeds, state.attention_mask, positions, cache=state.trunk_cache,
-                                                    use_cache=True)
-        return self.output_logits(hidden[:, -1], lookup=self._lookup_step(None, xmask, state)).float(), state
-
-    @torch.no_grad()
     def resume(self, state: DecodeState | None, input_ids: Tensor, attention_mask: Tensor | None = None,
                answer_mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
         """`step(input_ids)` for a conversation's next turn: when `state` (left by the turn before) has read a
@@ -449,50 +376,9 @@ class LLMModule(nn.Module):
         Equal to reading the whole conversation anew. Under prompt conditioning the source first catches up on
         the last answer (the tokens past its first `answer_source_tokens`, which only the trunk read).
         """
-        if not self._continues(state, input_ids, attention_mask, answer_mask):
-            return self.step(input_ids, None, attention_mask, answer_mask)
-        past = state.length
-        new = input_ids[:, past:]
-        if self.config.conditioning != "prompt":
-            return self.step(new, state)
-        return self._extend(new, answer_mask[:, past:].long() if answer_mask is not None else new * 0, state)
-
-    def _continues(self, state: DecodeState | None, input_ids: Tensor, attention_mask: Tensor | None,
-                   answer_mask: Tensor | None) -> bool:
-        """Whether `input_ids` (one row, no padding) goes on from what `state` has read, marked alike."""
-        if state is None or state.ids is None or input_ids.shape[0] != 1 or input_ids.shape[1] <= state.length:
-            return False
-        if attention_mask is not None and not bool((attention_mask > 0).all()):
-            return False
-        past = state.length
-        if not torch.equal(input_ids[:, :past], state.ids):
-            return False
-        marked = answer_mask[:, :past] > 0 if answer_mask is not None else torch.zeros_like(state.ids, dtype=torch.bool)
-        return self.config.conditioning != "prompt" or torch.equal(marked, state.answer_mask > 0)
-
-    def _extend(self, new_ids: Tensor, new_answer: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
-        """Prompt conditioning, a later turn: the source reads what it skipped and `new_ids`; the trunk reads
-        `new_ids` (the last answer's unread tail as answer tokens, then the new prompt)."""
-        past, n = state.length, new_ids.shape[1]
-        unread = torch.cat([state.ids[:, state.source_mask.shape[1]:], new_ids], dim=1)
-        source_mask = torch.cat([state.source_mask, torch.ones_like(unread)], dim=1)
-        positions = position_ids_from_mask(source_mask)[:, -unread.shape[1]:]
-        h, state.source_cache = self.source(unread, source_mask, positions, cache=state.source_cache, use_cache=True)
-        p, kvs = self.bridge.project_source(h)
-        state.bridge_kv = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(state.bridge_kv, kvs)]
-        state.ids = torch.cat([state.ids, new_ids], dim=1)
-        state.attention_mask = torch.cat([state.attention_mask, torch.ones_like(new_ids)], dim=1)
-        state.answer_mask = torch.cat([state.answer_mask, new_answer], dim=1)
-        answer = self._prompt_answers(state.answer_mask)
-        xmask = cross_attention_mask(source_mask, n, causal=True, past_len=past,
-                                     key_limit=prompt_limits(answer.long())[:, -n:])
-        embeds = self.bridge.stream(p[:, -n:], state.bridge_kv, xmask, self.answer_embeddings(new_ids), answer[:, -n:])
-        hidden, state.trunk_cache = self.generation(embeds, state.attention_mask,
-                                                    position_ids_from_mask(state.attention_mask)[:, -n:],
-                                                    cache=state.trunk_cache, use_cache=True)
-        state.source_mask, state.answer_fed = source_mask, 0
-        src_logits = self._source_logits(h[:, -1]) if self.knowledge is not None else None
-        return self.output_logits(hidden[:, -1], src_logits, lookup=self._lookup_step(h, xmask, state)).float(), state
+        if not self.supports_cache:
+            raise ValueError("attention 'reference' is not causal: decode it by full recomputation")
+        return incremental.resume(self, state, input_ids, attention_mask, answer_mask)
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Cached incremental decoding; see llm_modules.decode.generate for the arguments."""

@@ -10,7 +10,8 @@ from pathlib import Path
 import llm_modules
 
 PKG = Path(llm_modules.__file__).parent
-CORE = {"config", "io", "masks", "data", "source", "bridge", "model", "loss", "decode", "features"}
+CORE = {"config", "io", "masks", "data", "source", "bridge", "knowledge", "incremental", "model", "loss", "decode",
+        "features"}
 LAYERS = ("training", "inference", "serving", "demo", "cli", "fixtures")
 
 

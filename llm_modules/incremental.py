@@ -1,0 +1,150 @@
+"""Incremental decoding of an LLM Module: what it keeps between steps, and how each step reads new tokens.
+
+Three caches: the knowledge source's KV cache, the bridge's cross-attention keys/values over the source
+positions read (appended, never recomputed) and the small trunk's KV cache; with the knowledge lookup also
+its keys and top-k tables over the source positions. Each call reads new tokens and returns the logits after
+the last one, equal to `LLMModule.forward` over the whole text so far.
+
+Under prompt conditioning the source reads the prompt and the first `answer_source_tokens` answer tokens; later
+answer tokens reach the trunk alone (`_answer_step`: no source step). A conversation's next turn can go on from
+the state its previous turn left (`resume`): the source first catches up on the answer it skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .knowledge import LookupMemory
+from .masks import cross_attention_mask, position_ids_from_mask, prompt_limits
+
+
+@dataclass
+class DecodeState:
+    """What `step` carries from one call to the next: the caches, and what they have read."""
+
+    attention_mask: Tensor  # [B, T] over every token fed so far (0 = left padding)
+    ids: Tensor  # [B, T] the tokens fed (a later turn must start with them to reuse this state)
+    answer_mask: Tensor  # [B, T] 1 on answer tokens (earlier turns' answers, and the one being written)
+    source_mask: Tensor  # [B, Ts] over what the source has read (prompt conditioning: not the answer's tail)
+    source_cache: Any = None  # the knowledge source's KV cache
+    trunk_cache: Any = None  # the small trunk's KV cache
+    bridge_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, [B, H, Ts, Dh]
+    answer_fed: int = 0  # answer tokens fed (prompt conditioning: the first `answer_source_tokens` reach the source)
+    lookup: LookupMemory | None = None  # knowledge lookup: keys and top-k predictions of the source positions read
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    @classmethod
+    def empty(cls, like: Tensor) -> "DecodeState":
+        none = like.new_zeros(like.shape[0], 0, dtype=torch.long)
+        return cls(attention_mask=none, ids=none, answer_mask=none, source_mask=none)
+
+    def append(self, ids: Tensor, attention_mask: Tensor, answer_mask: Tensor) -> None:
+        self.ids = torch.cat([self.ids, ids], dim=1)
+        self.attention_mask = torch.cat([self.attention_mask, attention_mask.long()], dim=1)
+        self.answer_mask = torch.cat([self.answer_mask, answer_mask.long()], dim=1)
+
+
+@torch.no_grad()
+def step(module: Any, new_ids: Tensor, state: DecodeState | None = None, attention_mask: Tensor | None = None,
+         answer_mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
+    """Feed `new_ids` [B, n]: the whole prompt first (`attention_mask`, `answer_mask` for it), then the answer a
+    token at a time; return the logits after the last one [B, V] and the state for the next call."""
+    ones = torch.ones_like(new_ids)
+    if state is None:
+        answer = answer_mask if answer_mask is not None else ones * 0
+        return _read(module, new_ids, attention_mask if attention_mask is not None else ones, answer,
+                     DecodeState.empty(new_ids))
+    if module.config.conditioning == "prompt":
+        state.answer_fed += new_ids.shape[1]
+        if state.answer_fed > module.config.answer_source_tokens:
+            return _answer_step(module, new_ids, state)
+    return _read(module, new_ids, ones, ones, state)  # tokens fed to a state are the answer being written
+
+
+@torch.no_grad()
+def resume(module: Any, state: DecodeState | None, input_ids: Tensor, attention_mask: Tensor | None = None,
+           answer_mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
+    """`step(input_ids)` for a conversation's next turn: when `state` has read a prefix of `input_ids` [1, T],
+    only the rest is read, by every cache; otherwise everything is, afresh. Equal to reading it all anew."""
+    if not _continues(module, state, input_ids, attention_mask, answer_mask):
+        return step(module, input_ids, None, attention_mask, answer_mask)
+    new = input_ids[:, state.length:]
+    answer = answer_mask[:, state.length:] if answer_mask is not None else new * 0
+    state.answer_fed = 0  # the turn's prompt ends here: the next answer starts
+    return _read(module, new, torch.ones_like(new), answer, state)
+
+
+def _continues(module: Any, state: DecodeState | None, input_ids: Tensor, attention_mask: Tensor | None,
+               answer_mask: Tensor | None) -> bool:
+    """Whether `input_ids` (one row, no padding) goes on from what `state` has read, with answers marked alike."""
+    if state is None or input_ids.shape[0] != 1 or input_ids.shape[1] <= state.length:
+        return False
+    if attention_mask is not None and not bool((attention_mask > 0).all()):
+        return False
+    past = state.length
+    if not torch.equal(input_ids[:, :past], state.ids):
+        return False
+    marked = answer_mask[:, :past] > 0 if answer_mask is not None else torch.zeros_like(state.ids, dtype=torch.bool)
+    return module.config.conditioning != "prompt" or torch.equal(marked, state.answer_mask > 0)
+
+
+def _read(module: Any, new_ids: Tensor, new_attention: Tensor, new_answer: Tensor,
+          state: DecodeState) -> tuple[Tensor, DecodeState]:
+    """The source reads what it has not read yet (an answer's tail it skipped, then `new_ids`); the bridge and
+    the trunk read `new_ids`, answer tokens under prompt conditioning as training lays them out."""
+    past, n = state.length, new_ids.shape[1]
+    skipped = state.ids[:, state.source_mask.shape[1]:]
+    unread = torch.cat([skipped, new_ids], dim=1)
+    source_mask = torch.cat([state.source_mask, torch.ones_like(skipped), new_attention.long()], dim=1)
+    state.append(new_ids, new_attention, new_answer)
+    positions = position_ids_from_mask(source_mask)[:, -unread.shape[1]:]
+    h, state.source_cache = module.source(unread, source_mask, positions, cache=state.source_cache, use_cache=True)
+    p, kvs = module.bridge.project_source(h)
+    if state.bridge_kv:
+        kvs = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(state.bridge_kv, kvs)]
+    state.bridge_kv, state.source_mask = kvs, source_mask
+    marked = module.prompt_answers(state.answer_mask)  # None in token conditioning
+    if marked is not None and bool(marked[:, -n:].any()):
+        xmask = cross_attention_mask(source_mask, n, causal=True, past_len=past,
+                                     key_limit=prompt_limits(marked.long())[:, -n:])
+        embeds = module.bridge.stream(p[:, -n:], kvs, xmask, module.answer_embeddings(new_ids), marked[:, -n:])
+    else:
+        xmask = cross_attention_mask(source_mask, n, causal=True, past_len=past)
+        embeds = module.bridge.stream(p[:, -n:], kvs, xmask)
+    hidden, state.trunk_cache = module.generation(embeds, state.attention_mask,
+                                                  position_ids_from_mask(state.attention_mask)[:, -n:],
+                                                  cache=state.trunk_cache, use_cache=True)
+    src_logits = module.source_logits(h[:, -1]) if module.knowledge is not None else None
+    return module.output_logits(hidden[:, -1], src_logits, lookup=_lookup(module, h, xmask, state)).float(), state
+
+
+def _answer_step(module: Any, new_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+    """Prompt conditioning, inside the answer: no source step. The new tokens' own embeddings query the cached
+    keys/values of the source states read, then one trunk step and the head."""
+    ones = torch.ones_like(new_ids)
+    state.append(new_ids, ones, ones)
+    xmask = cross_attention_mask(state.source_mask, new_ids.shape[1], causal=False)
+    embeds = module.bridge.stream(None, state.bridge_kv, xmask, module.answer_embeddings(new_ids))
+    hidden, state.trunk_cache = module.generation(embeds, state.attention_mask,
+                                                  position_ids_from_mask(state.attention_mask)[:, -new_ids.shape[1]:],
+                                                  cache=state.trunk_cache, use_cache=True)
+    return module.output_logits(hidden[:, -1], lookup=_lookup(module, None, xmask, state)).float(), state
+
+
+def _lookup(module: Any, new_states: Tensor | None, xmask: Tensor,
+            state: DecodeState) -> tuple[LookupMemory, Tensor, Tensor] | None:
+    """The lookup's inputs for the last new position; its memory grows by the source states just read."""
+    if module.lookup is None:
+        return None
+    if new_states is not None:
+        more = module.lookup.memory(new_states, module.source_logits)
+        state.lookup = more if state.lookup is None else state.lookup.extend(more)
+    rows = torch.arange(xmask.shape[0], device=xmask.device)
+    return state.lookup, rows, xmask[:, 0, -1]
