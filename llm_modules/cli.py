@@ -250,7 +250,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                                    "LLM Module (the paper's design; fast mode: prompt conditioning with the knowledge lookup, and without it) with the paper's baselines (small fine-tuned, small from scratch, "
                                    "distillation, large alone) on held-out entities. --world facts: real facts probed on "
                                    "a real pretrained source (SmolLM2-135M-Instruct by default, see fetch-source), split "
-                                   "by entity; the paper's design, the knowledge path (token and prompt conditioning), the small model alone, "
+                                   "by entity; the paper's design, the knowledge path (token conditioning), fast mode (prompt conditioning with the knowledge lookup), the small model alone, "
                                    "distillation "
                                    "and the source alone, with answers never seen in training counted apart. Writes "
                                    "report.md and results.json (and plots for synthetic) to --out.")

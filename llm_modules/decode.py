@@ -158,7 +158,7 @@ def decode(
             logits, state = _first_step(module, input_ids, attention_mask, answer_mask, session)
         else:
             logits = full_forward_logits(module, ids, mask, input_ids.shape[1], answer_mask)
-        for i in range(max_new_tokens):
+        for made in range(1, max_new_tokens + 1):
             scores = process_logits(logits, seen, temperature=temperature if do_sample else 1.0,
                                     top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
                                     repetition_penalty=repetition_penalty)
@@ -176,7 +176,7 @@ def decode(
                             done_now[i] = True
             yield nxt, logits, finished | done_now
             finished = finished | done_now
-            if bool(finished.all()) or i == max_new_tokens - 1:
+            if bool(finished.all()) or made == max_new_tokens:
                 return  # the last token is not fed: nothing would read its logits
             seen = torch.cat([seen, nxt[:, None]], 1)
             if use_cache:

@@ -79,6 +79,20 @@ def test_stops_at_eos_and_stop_string(build):
     assert len(steps) <= 3
 
 
+@pytest.mark.parametrize("rows,n", [(3, 3), (3, 5), (1, 1)])
+def test_stop_strings_that_never_match_leave_the_length_alone(build, rows, n):
+    """max_new_tokens tokens for every row, whatever the batch size (a row loop once cut this short), and no step
+    is run for the last one."""
+    m = build(seed=4)
+    ids, mask = _prompts(m.tokenizer, ["The", "Sum 5", "A long river"][:rows])
+    calls = []
+    real = m.step
+    m.step = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    steps = list(decode(m, ids, mask, max_new_tokens=n, eos_token_id=[], stop_strings=["never occurs"]))
+    assert len(steps) == n and not bool(steps[-1][2].any())
+    assert len(calls) == n  # the prompt, then n - 1 tokens fed
+
+
 def test_too_long_prompt_is_clear_error_or_cut_left(build):
     m = build()  # 256 positions
     ids = torch.randint(10, 100, (1, 250))
