@@ -49,3 +49,24 @@ def test_turns_share_one_session_until_reset(fx, monkeypatch):
     questions = iter(["a", "b", "/reset", "c", "/exit"])
     chat.chat_loop(SimpleNamespace(tokenizer=tok), "paper", {}, inp=lambda p: next(questions), out=io.StringIO())
     assert sessions[0] is not None and sessions[0] is sessions[1] and sessions[2] is not sessions[1]
+
+
+def test_the_history_keeps_the_answer_as_written_so_the_next_turn_can_reuse_the_caches(fx, monkeypatch):
+    """An answer written with a leading space goes back into the history with it: re-encoded it gives back the
+    tokens the module wrote (which the session's caches hold); stripped, it would not."""
+    tok = AutoTokenizer.from_pretrained(fx["tokenizer"])
+    written = tok(" sum is ten", add_special_tokens=False).input_ids
+    assert tok(tok.decode(written).strip(), add_special_tokens=False).input_ids != written  # the strip would matter
+    prompts = []
+
+    def fake_answer(module, prompt, gen_kwargs, on_token, truncate=None, session=None):
+        prompts.append(prompt.input_ids)
+        for t in written:
+            on_token(t)
+        return written
+
+    monkeypatch.setattr(chat, "answer", fake_answer)
+    questions = iter(["q1", "q2", "/exit"])
+    chat.chat_loop(SimpleNamespace(tokenizer=tok), "plain", {}, inp=lambda p: next(questions), out=io.StringIO())
+    first, second = prompts
+    assert second[:len(first) + len(written)] == first + written

@@ -93,7 +93,8 @@ def chat_loop(module: Any, fmt: str, gen_kwargs: dict[str, Any], system: str | N
             continue
         out.write("\n")
         history.append(("user", q))
-        # The paper's closing marker is part of the answers it was trained on; a chat template closes the
-        # turn itself, so its end-of-turn marker must not be in the content twice.
-        history.append(("assistant", streamer.text(keep_stop=fmt == "paper").strip()))
+        # The answer as written (a leading space included: re-encoded, it gives back the tokens the caches
+        # read, so the next turn goes on from them). The paper's closing marker is part of the answers it was
+        # trained on; a chat template closes the turn itself, so its end-of-turn marker must not be in it twice.
+        history.append(("assistant", streamer.text(keep_stop=fmt == "paper")))
 
