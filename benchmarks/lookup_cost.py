@@ -22,18 +22,10 @@ import time
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, GPTNeoConfig, Qwen2Config
 
-from common import quiet
+from common import quiet, rss_mib
 from llm_modules.config import ModuleConfig
 from llm_modules.model import LLMModule
 from llm_modules.source import KnowledgeSource
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def build(path: str, args: argparse.Namespace) -> LLMModule:

@@ -18,15 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from common import rss_mib
 from llm_modules.loss import chunked_cross_entropy
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def run(side: str, args: argparse.Namespace) -> dict:

@@ -19,6 +19,17 @@ LARGE = ["large_qwen2", "large_llama"]
 SMALL = ["small_gpt_neo", "small_gpt2", "small_qwen2"]
 
 
+def run_decode(m, ids, mask, use_cache, n=64, **kw):
+    """(tokens [B, n], raw logits [B, n, V]) of greedy decoding with no end of sequence."""
+    from llm_modules.decode import decode
+
+    toks, logits = [], []
+    for nxt, lg, _ in decode(m, ids, mask, max_new_tokens=n, eos_token_id=[], use_cache=use_cache, **kw):
+        toks.append(nxt)
+        logits.append(lg)
+    return torch.stack(toks, 1), torch.stack(logits, 1)
+
+
 @pytest.fixture(scope="session")
 def fx(tmp_path_factory):
     """Paths of the tiny local tokenizer and models (made once per test session)."""

@@ -6,20 +6,13 @@ import torch
 from llm_modules.decode import decode, process_logits
 
 from conftest import LARGE, SMALL
+from conftest import run_decode as _run
 
 
 def _prompts(tok, texts):
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True)
     return enc.input_ids, enc.attention_mask
-
-
-def _run(m, ids, mask, use_cache, n=64, **kw):
-    toks, logits = [], []
-    for nxt, lg, _ in decode(m, ids, mask, max_new_tokens=n, eos_token_id=[], use_cache=use_cache, **kw):
-        toks.append(nxt)
-        logits.append(lg)
-    return torch.stack(toks, 1), torch.stack(logits, 1)
 
 
 @pytest.mark.parametrize("large,small", list(itertools.product(LARGE, SMALL)))

@@ -3,15 +3,9 @@
 import pytest
 import torch
 
-from llm_modules.decode import Session, decode
+from llm_modules.decode import Session
 
-
-def _run(m, ids, mask, use_cache, n=64, **kw):
-    toks, logits = [], []
-    for nxt, lg, _ in decode(m, ids, mask, max_new_tokens=n, eos_token_id=[], use_cache=use_cache, **kw):
-        toks.append(nxt)
-        logits.append(lg)
-    return torch.stack(toks, 1), torch.stack(logits, 1)
+from conftest import run_decode as _run
 
 
 @pytest.mark.parametrize("extra", [
