@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .knowledge import LookupMemory
-from .masks import cross_attention_mask, position_ids_from_mask, prompt_limits
+from .masks import cross_attention_mask, position_ids_from_mask, prompt_limits, within_turn
 
 
 @dataclass
@@ -140,11 +140,12 @@ def _answer_step(module: Any, new_ids: Tensor, state: DecodeState) -> tuple[Tens
 
 def _lookup(module: Any, new_states: Tensor | None, xmask: Tensor,
             state: DecodeState) -> tuple[LookupMemory, Tensor, Tensor] | None:
-    """The lookup's inputs for the last new position; its memory grows by the source states just read."""
+    """The lookup's inputs for the last new position (the source positions it reads, within its turn); its memory
+    grows by the source states just read."""
     if module.lookup is None:
         return None
     if new_states is not None:
         more = module.lookup.memory(new_states, module.source_logits)
         state.lookup = more if state.lookup is None else state.lookup.extend(more)
     rows = torch.arange(xmask.shape[0], device=xmask.device)
-    return state.lookup, rows, xmask[:, 0, -1]
+    return state.lookup, rows, within_turn(xmask[:, 0, -1:], state.answer_mask)[:, 0]

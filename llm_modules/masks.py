@@ -73,6 +73,26 @@ def prompt_limits(answer_mask: Tensor) -> Tensor:
     return torch.where(answer_mask > 0, torch.full_like(idx, -1), idx).cummax(-1).values
 
 
+def turn_starts(answer_mask: Tensor) -> Tensor:
+    """[B, T]: where each position's turn starts, the first token after the last answer completed before it (0 in
+    the first turn); a position inside an answer belongs to the turn of the prompt before it."""
+    done = answer_mask > 0
+    idx = torch.arange(done.shape[-1], device=done.device).expand_as(done)
+    after = torch.zeros_like(done)
+    after[..., 1:] = done[..., :-1] & ~done[..., 1:]  # the first position after an answer
+    return torch.where(after, idx, torch.zeros_like(idx)).cummax(-1).values
+
+
+def within_turn(allowed: Tensor, answer_mask: Tensor | None) -> Tensor:
+    """`allowed` [B, Tq, Tk] (the last Tq of the positions in `answer_mask` [B, T] reading source positions
+    0..Tk-1) kept to each query's own turn; unchanged without an answer mask."""
+    if answer_mask is None:
+        return allowed
+    starts = turn_starts(answer_mask)[:, -allowed.shape[1]:]
+    keys = torch.arange(allowed.shape[-1], device=allowed.device)
+    return allowed & (keys >= starts[..., None])
+
+
 def delay_answers(answer_mask: Tensor, n: int) -> Tensor:
     """`answer_mask` with the first `n` tokens of each answer span unmarked (read by the source, as prompt)."""
     if n <= 0:

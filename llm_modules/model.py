@@ -21,7 +21,7 @@ from .incremental import DecodeState
 from .knowledge import KnowledgeLookup, KnowledgePath, LookupMemory, distill_loss
 from .io import atomic_dir, read_safetensors
 from .loss import shifted_loss
-from .masks import decoder_inputs, delay_answers
+from .masks import decoder_inputs, delay_answers, within_turn
 from .source import KnowledgeSource, fingerprints_match, load_model_config, load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -229,10 +229,12 @@ class LLMModule(nn.Module):
             logits = logits.float() + extra.view(*hidden.shape[:-1], V)
         return logits
 
-    def _lookup_inputs(self, source_states: Tensor, xmask: Tensor,
+    def _lookup_inputs(self, source_states: Tensor, xmask: Tensor, answer_mask: Tensor | None = None,
                        top: tuple[Tensor, Tensor] | None = None) -> tuple[LookupMemory, Tensor, Tensor] | None:
         """(memory, rows, allowed) for every position of a whole-sequence forward: each position reads the
-        source positions the bridge reads (`xmask` [B, 1, T, T], the bridge's cross-attention mask)."""
+        source positions the bridge reads (`xmask` [B, 1, T, T], the bridge's cross-attention mask) within its
+        own turn (`answer_mask`): the source's predictions in an earlier question answered that question, and
+        the current question's positions already read the conversation before it."""
         if self.lookup is None:
             return None
         if top is not None and top[0].shape[-1] != self.lookup.top_k:
@@ -240,7 +242,7 @@ class LLMModule(nn.Module):
                              f"module's lookup reads {self.lookup.top_k}")
         B, T = xmask.shape[0], xmask.shape[-2]
         rows = torch.arange(B, device=xmask.device)[:, None].expand(B, T)
-        return self.lookup.memory(source_states, self.source_logits, top), rows, xmask[:, 0]
+        return self.lookup.memory(source_states, self.source_logits, top), rows, within_turn(xmask[:, 0], answer_mask)
 
     def answer_embeddings(self, ids: Tensor) -> Tensor:
         """Prompt conditioning: the input embedding of answer tokens (the head's weight, unless untied)."""
@@ -301,7 +303,7 @@ class LLMModule(nn.Module):
             embeds = self.bridge(source_states, attention_mask, answer.long(), self.answer_embeddings(input_ids), xmask)
         trunk_mask, positions = decoder_inputs(attention_mask, embeds.dtype, reference=reference)
         hidden, _ = self.generation(embeds, trunk_mask, positions)
-        lookup = self._lookup_inputs(source_states, xmask, source_top)
+        lookup = self._lookup_inputs(source_states, xmask, answer_mask, source_top)
         if labels is not None and not return_logits and not distill_weight:
             # Training: logits only where there is a target (answers only, with assistant-only labels).
             out = ModuleOutput()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from llm_modules.knowledge import KnowledgePath, distill_loss
+from llm_modules.knowledge import KnowledgePath, distill_loss, top_predictions
 from llm_modules.model import LLMModule
 
 
@@ -191,6 +191,36 @@ def test_lookup_runs_of_queries_share_their_rows_memory_and_equal_one_query_at_a
 
     for a, b in zip(run(True), run(False)):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("conditioning", ["prompt", "token"])
+def test_lookup_reads_the_source_predictions_of_its_own_turn_only(build, conditioning):
+    """In a conversation's second turn the lookup points at what the source predicted in the current question (whose
+    states already read the whole conversation), not at the first question's cue: changing the first turn's top-k
+    tables leaves the second answer's logits alone, changing the second turn's moves them."""
+    m = build(conditioning=conditioning, knowledge_path="lookup", lookup_top_k=4, seed=8).eval()
+    with torch.no_grad():
+        m.lookup.query.weight.normal_(0, 1.0)
+    ids = _ids(m, 14, 1)
+    answer = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1]])  # turn 1: 0-6, turn 2: 7-13
+    with torch.no_grad():
+        states, _ = m.source(ids)
+        top = list(top_predictions(states, m.source_logits, 4))
+
+        def second_answer(ids_top):
+            return m(ids, answer_mask=answer, source_states=states, source_top=tuple(ids_top)).logits[0, 10:]
+
+        base = second_answer(top)
+        early, late = [t.clone() for t in top], [t.clone() for t in top]
+        early[0][:, :7] = (early[0][:, :7] + 1) % m.config.vocab_size  # other tokens predicted in turn 1
+        late[0][:, 7:10] = (late[0][:, 7:10] + 1) % m.config.vocab_size  # ... in turn 2's question
+        assert (second_answer(early) - base).abs().max() <= 1e-6
+        assert (second_answer(late) - base).abs().max() > 1e-3
+        want = m(ids[:, :11], answer_mask=answer[:, :11]).logits[0, -1]
+    from llm_modules.decode import decode
+
+    got = next(decode(m, ids[:, :11], answer_mask=answer[:, :11], max_new_tokens=1, eos_token_id=[]))[1][0]
+    assert (got - want).abs().max() <= 1e-4  # cached decoding keeps to the turn as the forward does
 
 
 def test_lookup_is_causal_and_caches_like_full_recomputation(build):

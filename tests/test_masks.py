@@ -52,3 +52,16 @@ def test_delay_answers_unmarks_the_first_tokens_of_each_answer():
     assert delay_answers(a, 0) is a
     assert delay_answers(a, 1).tolist() == [[0, 0, 0, 1, 1, 0, 0, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0, 0, 1]]
     assert delay_answers(a, 2).tolist() == [[0, 0, 0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0, 0, 0]]
+
+
+def test_turn_starts_and_within_turn():
+    from llm_modules.masks import turn_starts, within_turn
+
+    a = torch.tensor([[0, 0, 1, 1, 0, 0, 1, 0]])  # prompt, answer, prompt, answer, prompt
+    assert turn_starts(a).tolist() == [[0, 0, 0, 0, 4, 4, 4, 7]]
+    allowed = torch.ones(1, 8, 8, dtype=torch.bool).tril()
+    kept = within_turn(allowed, a)
+    assert kept[0, 5].tolist() == [False] * 4 + [True, True] + [False] * 2  # turn 2 reads from its own prompt on
+    assert kept[0, 3].tolist() == [True] * 4 + [False] * 4  # the first turn is unchanged
+    assert torch.equal(within_turn(allowed, None), allowed)
+    assert torch.equal(within_turn(allowed[:, -1:], a)[0, 0], kept[0, -1])  # the last row alone, as decoding asks
