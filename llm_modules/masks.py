@@ -85,12 +85,15 @@ def turn_starts(answer_mask: Tensor) -> Tensor:
 
 def within_turn(allowed: Tensor, answer_mask: Tensor | None) -> Tensor:
     """`allowed` [B, Tq, Tk] (the last Tq of the positions in `answer_mask` [B, T] reading source positions
-    0..Tk-1) kept to each query's own turn; unchanged without an answer mask."""
+    0..Tk-1) kept to each query's own turn; unchanged without an answer mask. A row that would keep nothing
+    (right padding after an answer, never read) stays as it was: an empty row would make softmax NaN, and a NaN
+    in an ignored row still poisons the gradients."""
     if answer_mask is None:
         return allowed
     starts = turn_starts(answer_mask)[:, -allowed.shape[1]:]
     keys = torch.arange(allowed.shape[-1], device=allowed.device)
-    return allowed & (keys >= starts[..., None])
+    kept = allowed & (keys >= starts[..., None])
+    return torch.where(kept.any(-1, keepdim=True), kept, allowed)
 
 
 def delay_answers(answer_mask: Tensor, n: int) -> Tensor:

@@ -223,6 +223,22 @@ def test_lookup_reads_the_source_predictions_of_its_own_turn_only(build, conditi
     assert (got - want).abs().max() <= 1e-4  # cached decoding keeps to the turn as the forward does
 
 
+def test_lookup_training_on_right_padded_rows_keeps_gradients_finite(build):
+    """Padding after an answer has nothing of its own turn to read; it must not turn into NaN (distillation reads
+    every position's logits, and a NaN in an ignored row still reaches the gradients)."""
+    m = build(conditioning="prompt", knowledge_path="lookup", lookup_top_k=4, seed=9)
+    ids = _ids(m, 10, 2)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    answer = torch.zeros_like(ids)
+    answer[0, 6:], answer[1, 5:8] = 1, 1
+    labels = torch.where(answer > 0, ids, torch.full_like(ids, -100))
+    out = m(ids, mask, labels=labels, answer_mask=answer, distill_weight=1.0)
+    assert torch.isfinite(out.logits).all()
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
 def test_lookup_is_causal_and_caches_like_full_recomputation(build):
     """Token conditioning: the memory grows by one source position per step; cached == recomputed."""
     m = build("large_qwen2", "small_gpt_neo", knowledge_path="lookup", lookup_top_k=4, seed=5).eval()

@@ -65,3 +65,7 @@ def test_turn_starts_and_within_turn():
     assert kept[0, 3].tolist() == [True] * 4 + [False] * 4  # the first turn is unchanged
     assert torch.equal(within_turn(allowed, None), allowed)
     assert torch.equal(within_turn(allowed[:, -1:], a)[0, 0], kept[0, -1])  # the last row alone, as decoding asks
+    # Right padding after an answer (position 4 on): its rows read the real keys 0-3 and must not end up empty.
+    padded = torch.ones(1, 6, 6, dtype=torch.bool).tril() & torch.tensor([1, 1, 1, 1, 0, 0]).bool()
+    kept = within_turn(padded, torch.tensor([[0, 0, 1, 1, 0, 0]]))
+    assert bool(kept.any(-1).all()) and torch.equal(kept[0, 4], padded[0, 4])
