@@ -210,7 +210,11 @@ class FeatureCache:
             self._files[shard] = safe_open(str(self.folder / self.index["shards"][shard]["file"]), framework="pt")
         return self._files[shard]
 
-    def states(self, e: Example, name: str = "states") -> Tensor:
+    def states(self, e: Example) -> Tensor:
+        return self._stored(e, "states")
+
+    def _stored(self, e: Example, name: str) -> Tensor:
+        """One example's rows of a stored tensor ("states", "top_ids" or "top_probs")."""
         loc = self.locs.get(example_id(e))
         if loc is None:
             raise KeyError(f"example {e.where or '?'} is not in the feature cache at {self.folder}")
@@ -220,7 +224,7 @@ class FeatureCache:
               name: str = "states") -> Tensor:
         """Source states [B, T, L] (or another stored tensor, `name`) for a batch laid out as `collate` /
         `collate_packed` lay it (right padding, zeros)."""
-        seqs = [torch.cat([self.states(e, name) for e in (r if isinstance(r, (list, tuple)) else [r])]) for r in rows]
+        seqs = [torch.cat([self._stored(e, name) for e in (r if isinstance(r, (list, tuple)) else [r])]) for r in rows]
         T = max(s.shape[0] for s in seqs)
         out = seqs[0].new_zeros(len(seqs), T, seqs[0].shape[1])
         for i, s in enumerate(seqs):

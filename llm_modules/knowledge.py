@@ -90,7 +90,7 @@ class KnowledgeLookup(nn.Module):
                top: tuple[Tensor, Tensor] | None = None) -> LookupMemory:
         """Keys and top-k predictions of every source position: `top` = (ids, probs) [B, T, k] as the feature cache
         stores them, or computed by `source_logits`, the source's frozen head."""
-        ids, probs = top if top is not None else top_predictions(source_states, source_logits, self.top_k)
+        ids, probs = top if top is not None else top_predictions(source_states, source_logits, self.top_k, self.CHUNK)
         return LookupMemory(self.key(source_states.to(self.key.weight.dtype)), ids.long(), probs.float())
 
     def forward(self, hidden: Tensor, memory: LookupMemory, rows: Tensor, allowed: Tensor, vocab_size: int) -> Tensor:

@@ -83,7 +83,7 @@ def evaluate_loss(model: Any, examples: Sequence[Example], batch_size: int = 8, 
             with autocast() if autocast is not None else contextlib.nullcontext():
                 out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
                             source_states=states, return_logits=False, loss_chunk_size=4096,
-                            answer_mask=batch["answer_mask"], **({"source_top": top} if top is not None else {}))
+                            answer_mask=batch["answer_mask"], source_top=top)
             total += float(out.loss) * out.num_tokens
             count += out.num_tokens
     finally:

@@ -34,7 +34,7 @@ class TextStreamer:
 
     def text(self, keep_stop: bool = False) -> str:
         """The answer as printed; with `keep_stop`, followed by the stop sequence that ended it."""
-        return self.answer.text + (self.answer.stop or "" if keep_stop else "")
+        return self.answer.text + ((self.answer.stop or "") if keep_stop else "")
 
 
 def answer(module: Any, prompt: str | Example, gen_kwargs: dict[str, Any], on_token: Callable[[int], None],

@@ -48,9 +48,10 @@ class CausalLMTrainee(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None, *,
                 source_states: Tensor | None = None, return_logits: bool = True,
-                loss_chunk_size: int | None = None, answer_mask: Tensor | None = None) -> ModuleOutput:
-        """Mean next-token loss over labelled positions (source_states, loss_chunk_size and answer_mask are
-        LLM Module inputs, unused here)."""
+                loss_chunk_size: int | None = None, answer_mask: Tensor | None = None,
+                source_top: Any = None) -> ModuleOutput:
+        """Mean next-token loss over labelled positions (source_states, loss_chunk_size, answer_mask and source_top
+        are LLM Module inputs, unused here)."""
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         out = ModuleOutput(logits=logits if return_logits else None)
         if labels is None:

@@ -228,8 +228,7 @@ class Trainer:
                 with acc.autocast():
                     out = self.model(c["input_ids"], c["attention_mask"], labels=c["labels"], source_states=src,
                                      return_logits=False, loss_chunk_size=cfg.loss_chunk_size or None,
-                                     answer_mask=c["answer_mask"], **self.loss_options,
-                                     **({"source_top": top} if top is not None else {}))
+                                     answer_mask=c["answer_mask"], source_top=top, **self.loss_options)
                 # Token-weighted mean over the global window; DDP averages over ranks, so scale by world.
                 loss = out.loss * (w * out.num_tokens / max(n_tok, 1.0))
                 acc.backward(loss * self.world)
