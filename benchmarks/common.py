@@ -7,7 +7,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GPTNeoConfig, Qwen2Con
 
 from llm_modules.config import ModuleConfig
 from llm_modules.model import LLMModule
-from llm_modules.source import KnowledgeSource
+from llm_modules.knowledge_source import KnowledgeSource
 
 VOCAB = 32000
 

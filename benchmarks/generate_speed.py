@@ -19,7 +19,7 @@ import torch
 from common import VOCAB, mid_module, quiet
 from llm_modules.decode import decode
 from llm_modules.info import parameter_counts
-from llm_modules.source import KnowledgeSource
+from llm_modules.knowledge_source import KnowledgeSource
 
 
 def timed(fn) -> float:

@@ -32,7 +32,7 @@ from llm_modules.cli import PAPER_LARGE, PAPER_SMALL, PAPER_TOKENIZER_LEN  # noq
 from llm_modules.config import ModuleConfig  # noqa: E402
 from llm_modules.data import Example  # noqa: E402
 from llm_modules.model import LLMModule  # noqa: E402
-from llm_modules.source import KnowledgeSource  # noqa: E402
+from llm_modules.knowledge_source import KnowledgeSource  # noqa: E402
 from llm_modules.training.pipeline import RunInputs  # noqa: E402
 from llm_modules.training.recipe import TrainConfig  # noqa: E402
 from llm_modules.training.trainer import Trainer  # noqa: E402

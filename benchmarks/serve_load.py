@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from llm_modules.sources import fetch_source
+    from llm_modules.fetch_source import fetch_source
 
     source = args.source or str(fetch_source("smollm2", log=lambda s: None))
     with tempfile.TemporaryDirectory() as tmp:

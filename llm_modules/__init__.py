@@ -13,9 +13,11 @@ _EXPORTS = {
     "ModuleConfig": "config", "PromptConfig": "config",
     "Adapter": "bridge", "Bridge": "bridge", "CrossAttention": "bridge", "EnhancedCrossAttention": "bridge",
     "Gate": "bridge",
-    "KnowledgeSource": "source",
+    "KnowledgeSource": "knowledge_source",
     "GenerationModule": "model", "LLMModule": "model", "DecodeState": "incremental",
-    "generate": "decode", "decode": "decode",
+    # Not `decode`: importing the submodule llm_modules.decode would replace that name with the module
+    # (`from llm_modules.decode import decode` is the function).
+    "generate": "decode",
     "TrainConfig": "training.recipe", "Trainer": "training.trainer", "train": "training.trainer",
 }
 

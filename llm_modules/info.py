@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from .config import ModuleConfig
 from .model import LLMModule
-from .source import KnowledgeSource
+from .knowledge_source import KnowledgeSource
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -76,6 +76,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def recover_dir(path: str | os.PathLike) -> bool:
+    """Finish what a kill left of an `atomic_dir` replacement of `path`; True if something was put back.
+
+    A kill between moving the old folder aside and moving the new one in leaves no `path`, its complete
+    previous version as `.NAME.old.PID` and the new one, maybe incomplete, as `.NAME.*.tmp`: the previous
+    version is put back and unfinished temporary folders are removed. Call it before reading `path`, from the
+    only process that writes it.
+    """
+    path = Path(path)
+    restored = False
+    olds = sorted(path.parent.glob(f".{path.name}.old.*"), key=lambda p: p.stat().st_mtime)
+    if not path.exists() and olds:
+        os.replace(olds.pop(), path)
+        _fsync_dir(path.parent)
+        restored = True
+    for stale in [*olds, *path.parent.glob(f".{path.name}.*.tmp")]:
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return restored
+
+
 def default_cache_dir() -> Path:
     """Where llm-modules keeps generated and fetched artefacts ($LLM_MODULES_CACHE, else ~/.cache/llm-modules)."""
     return Path(os.environ.get("LLM_MODULES_CACHE", Path.home() / ".cache" / "llm-modules"))
@@ -106,9 +126,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError and others on bad bytes
-        raise ValueError(f"{path}: not a readable safetensors file, damaged or truncated ({_first_line(e)})") from None
+        raise ValueError(f"{path}: not a readable safetensors file, damaged or truncated ({first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

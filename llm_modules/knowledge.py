@@ -2,7 +2,8 @@
 
 The paper's design hands the source's states to a small model that must re-learn, through a new
 head, which token each state means. A held-out fact whose answer was never a training target then
-never comes out: measured with a real source, 0% of held-out capitals (PAPER.md). The knowledge path
+never comes out: measured with a real source, 0% of test facts whose answer was never a training target
+(README, "What it achieves": `llm-modules demo --world facts`, 0 of 149 over 3 seeds). The knowledge path
 adds the source's next-token log-probabilities, read by its own frozen output head, to the module's
 logits, scaled per position by a learned gate:
 

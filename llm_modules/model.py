@@ -22,7 +22,7 @@ from .knowledge import KnowledgeLookup, KnowledgePath, LookupMemory, distill_los
 from .io import atomic_dir, read_safetensors
 from .loss import shifted_loss
 from .masks import decoder_inputs, delay_answers, within_turn
-from .source import KnowledgeSource, fingerprints_match, load_model_config, load_tokenizer
+from .knowledge_source import KnowledgeSource, fingerprints_match, load_model_config, load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "llm_module.json"

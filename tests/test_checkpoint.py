@@ -78,3 +78,23 @@ def test_resume_from_a_tampered_run_is_one_line_through_the_cli(fx, tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "trainer_state.safetensors: not a readable safetensors file" in err
     assert not marker.exists()
+
+
+def test_a_legacy_pickled_state_through_a_real_resume_is_refused_and_runs_nothing(fx, tmp_path, capsys):
+    """A run folder as llm-modules 0.1 left it (trainer_state.pt, pickled) handed to `train --resume`: one line
+    naming the file, the payload never unpickled, the weights there untouched."""
+    from conftest import write_tiny_recipe
+
+    recipe, _ = write_tiny_recipe(fx, tmp_path, rows=16, data_seed=3, adapter_dim=8)
+    assert main(["train", "--config", str(recipe)]) == 0
+    last = tmp_path / "run" / "last"
+    (last / STATE_JSON).unlink()
+    (last / STATE_TENSORS).unlink()
+    marker = tmp_path / "pwned"
+    (last / LEGACY_STATE).write_bytes(pickle.dumps(_Payload(marker)))
+    weights = (last / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--config", str(recipe), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{last / LEGACY_STATE}: trainer state in pickle form" in err
+    assert not marker.exists() and (last / "model.safetensors").read_bytes() == weights

@@ -48,33 +48,52 @@ def test_answer_extraction_and_exact_match():
     assert completion_answer(" Brindle. Corvath lives in") == "Brindle"
 
 
+HEADLINE = ["LLM Module (frozen large + bridge + small)", "LLM Module, prompt conditioning + knowledge lookup",
+            "large fine-tuned (the distillation teacher)", "small fine-tuned",
+            "distilled (logit KD from the fine-tuned large)", "large model alone (corpus-form prompts)"]
+ABLATION = ["LLM Module + knowledge lookup", "LLM Module, prompt conditioning without lookup (ablation)",
+            "small from scratch", "distilled + held-out prompts (teacher-answered)"]
+
+
 def test_quick_demo_writes_report(tmp_path):
+    """The first command's systems by default, the ablations behind a flag; both from one cache, same numbers."""
     summary = run_demo(DemoConfig.quick(out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache")), log=lambda s: None)
     out = tmp_path / "out"
     report = (out / "report.md").read_text()
     assert "| LLM Module (frozen large + bridge + small) |" in report and "What is the sum of 5 and 5?" in report
     assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "accuracy.png").stat().st_size > 1000
     res = json.loads((out / "results.json").read_text())["results"]
-    assert len(res) == 10 and all(0.0 <= r["heldout"] <= 1.0 for r in res.values())
-    # fast mode (with and without the knowledge lookup) beside the paper's, each with what it runs per new token
-    fast, plain = res["LLM Module, prompt conditioning + knowledge lookup"], res["LLM Module, prompt conditioning without lookup (ablation)"]
-    token = res["LLM Module (frozen large + bridge + small)"]
-    assert 0 < plain["per_token"] < fast["per_token"] < token["per_token"] and f"| {fast['per_token']:,} |" in report
+    assert list(res) == HEADLINE and all(0.0 <= r["heldout"] <= 1.0 for r in res.values())
+    # fast mode beside the paper's, each with what it runs per new token
+    fast, token = res["LLM Module, prompt conditioning + knowledge lookup"], res[HEADLINE[0]]
+    assert 0 < fast["per_token"] < token["per_token"] and f"| {fast['per_token']:,} |" in report
     assert (tmp_path / "out" / "llm_module_prompt_lookup" / "best" / "llm_module.json").exists()
-    assert "large fine-tuned (the distillation teacher)" in res and "distilled + held-out prompts (teacher-answered)" in res
-    assert summary["results"]["small fine-tuned"]["trainable"] < summary["results"]["LLM Module (frozen large + bridge + small)"]["trainable"]
-    # a second run reuses the cached pretrained models
+    assert summary["results"]["small fine-tuned"]["trainable"] < summary["results"][HEADLINE[0]]["trainable"]
+    # --ablation: the other four systems too; a second run reuses the cached pretrained models
     logs = []
-    again = run_demo(DemoConfig.quick(out=str(tmp_path / "out2"), cache_dir=str(tmp_path / "cache")), log=logs.append)
+    again = run_demo(DemoConfig.quick(out=str(tmp_path / "out2"), cache_dir=str(tmp_path / "cache"), ablation=True),
+                     log=logs.append)
     assert any("pretrained models: reusing" in s for s in logs)
+    assert set(again["results"]) == set(HEADLINE) | set(ABLATION)
+    plain = again["results"]["LLM Module, prompt conditioning without lookup (ablation)"]
+    assert 0 < plain["per_token"] < again["results"]["LLM Module, prompt conditioning + knowledge lookup"]["per_token"]
     # a line per result, no per-validation chatter (training reports through its progress bar)
     assert not any("validation loss" in s or s.startswith("data:") for s in logs)
     assert sum(s.lstrip().startswith(("LLM Module:", "LLM Module + lookup:", "LLM Module, fast:", "fast, no lookup:",
                                       "small", "distilled", "large alone", "large fine-tuned")) for s in logs) == 10
-    # deterministic from the seed: the same numbers again
+    # deterministic from the seed, and the ablations change nothing in the headline systems
     for name, r in summary["results"].items():
         r2 = again["results"][name]
-        assert (r["heldout"], r["trained"], r["val_loss"]) == (r2["heldout"], r2["trained"], r2["val_loss"])
+        assert (r["heldout"], r["trained"], r["val_loss"]) == (r2["heldout"], r2["trained"], r2["val_loss"]), name
+
+
+def test_cli_demo_runs_the_ablations_only_when_asked(monkeypatch):
+    from llm_modules.cli import main
+
+    seen = []
+    monkeypatch.setattr("llm_modules.demo.run_demo", lambda cfg: seen.append(cfg.ablation))
+    assert main(["demo", "--quick", "--out", "x"]) == 0 and main(["demo", "--quick", "--out", "x", "--ablation"]) == 0
+    assert seen == [False, True]
 
 
 def test_several_seeds_give_one_report_with_spread_and_intervals(tmp_path):

@@ -75,7 +75,9 @@ def test_whole_facts_benchmark_on_a_tiny_local_source(fx, tmp_path):
     tok = PreTrainedTokenizerFast.from_pretrained(fx["tokenizer"])
     torch.manual_seed(0)
     src = AutoModelForCausalLM.from_config(tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4))
+    # The source states each fact after its cue, also behind the question (as a real model reads the task prompt).
     texts = [f"{r['cue']} {r['answer']}." for r in rows] * 4
+    texts += [f"{r['question']} Recall: {r['cue']} {r['answer']}." for r in rows if "question" in r] * 2
     fit_causal_lm(src, tok, lm_examples(tok, texts), tmp_path / "src_run", epochs=60, lr=5e-3, batch_size=16, seed=0,
                   desc="src", progress=False)
     src_dir = tmp_path / "src_run" / "last"
@@ -93,6 +95,13 @@ def test_whole_facts_benchmark_on_a_tiny_local_source(fx, tmp_path):
     fast, token = table["LLM Module + knowledge lookup, prompt conditioning"], table["LLM Module + knowledge path"]
     assert 0 < fast["per_token"] < token["per_token"] and fast["answer_source_tokens"] == 1
     assert f"| {fast['per_token']:,} (+ the source on the first 1 answer token(s)) |" in report
+    # The point of the pipeline: answers never trained on come out through the knowledge path, never through the
+    # paper's design (its new head has never been trained to name them).
+    from llm_modules.demo.facts_run import MODULE_KNOWLEDGE, MODULE_PAPER
+
+    unseen = {n: table[n]["unseen"] for n in (MODULE_PAPER, MODULE_KNOWLEDGE)}
+    assert unseen[MODULE_PAPER]["n"] >= 4 and unseen[MODULE_PAPER]["mean"] == 0.0
+    assert unseen[MODULE_KNOWLEDGE]["mean"] >= 0.75, unseen  # 1.0 measured (2 seeds x 8 facts)
     src_em = table["source alone"]["all"]["mean"]
     assert src_em is not None and 0.0 <= src_em <= 1.0
     assert summary["runs"]["0"]["small alone"]["all"]["n"] == summary["runs"]["0"]["source alone"]["all"]["n"]

@@ -8,7 +8,7 @@ from llm_modules import features as F_
 from llm_modules.data import Formatter, collate, parse_row
 from llm_modules.features import FeatureCache, cache_key
 from llm_modules.fixtures import arith_rows
-from llm_modules.source import KnowledgeSource, fingerprint_from_files
+from llm_modules.knowledge_source import KnowledgeSource, fingerprint_from_files
 from llm_modules.training import train
 
 

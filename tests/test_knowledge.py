@@ -113,7 +113,7 @@ def test_gate_scales_source_log_probs_per_position():
 def test_training_with_knowledge_path_and_feature_cache(tiny_train_config, tmp_path, monkeypatch, path, extra):
     """The recipe path end to end: states from the cache; the source loaded for its head only (knowledge path
     and distillation), or not at all (the lookup: its tables are in the cache)."""
-    from llm_modules.source import KnowledgeSource
+    from llm_modules.knowledge_source import KnowledgeSource
     from llm_modules.training import train
 
     cfg = tiny_train_config(knowledge_path=path, feature_cache=True, epochs=2, output_dir=str(tmp_path / "k"),

@@ -165,7 +165,7 @@ def test_tokenizer_survives_model_and_module_folders(build, fx, tmp_path):
     """AutoTokenizer would swap our generic tokenizer for Qwen2Tokenizer (digits split); load_tokenizer must not."""
     from transformers import PreTrainedTokenizerFast
 
-    from llm_modules.source import load_tokenizer
+    from llm_modules.knowledge_source import load_tokenizer
 
     text = "The sum of 12 and 30 is 42.<|end_of_solution|>"
     ref = PreTrainedTokenizerFast.from_pretrained(fx["tokenizer"])(text).input_ids

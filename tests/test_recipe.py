@@ -41,3 +41,19 @@ def test_recipe_keys_route_to_the_module_and_round_trip():
     assert again == c
     with pytest.raises(ValueError, match="format must be one of paper, chat_template, plain; got 'markdown'"):
         TrainConfig.from_dict({**d, "format": "markdown"})
+
+
+def test_the_module_field_names_every_module_key_a_recipe_may_set():
+    """The docstring users read for the recipe's module keys lists all of them (it once missed five)."""
+    import ast
+    import inspect
+
+    from llm_modules.config import MODULE_KEYS, PROMPT_KEYS
+    from llm_modules.training import recipe
+
+    tree = ast.parse(inspect.getsource(recipe.TrainConfig))
+    body = tree.body[0].body
+    doc = next(body[i + 1].value.value for i, n in enumerate(body)
+               if isinstance(n, ast.AnnAssign) and n.target.id == "module")
+    missing = [k for k in (*MODULE_KEYS, *PROMPT_KEYS) if k not in doc]
+    assert not missing, f"TrainConfig.module's docstring misses {missing}"

@@ -81,27 +81,41 @@ def test_openai_client_errors(served):
         openai.OpenAI(base_url=served + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def long_answer_seed(url, messages, model="alpha", n=200):
+    """A seed whose sampled answer (temperature 1) runs all n tokens: seeded sampling repeats exactly, so a test
+    that stops it early never races an answer that ends by itself."""
+    body = {"model": model, "messages": messages, "max_tokens": n, "temperature": 1}
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
+        return next(s for s in range(40) if c.post(url + "/v1/chat/completions", json=body | {"seed": s})
+                    .json()["usage"]["completion_tokens"] == n)
+
+
+def wait_until_idle(c, url, deadline_s=120.0):
+    """/health once no request is generating (polled: no fixed sleep to be too short on a loaded machine)."""
+    end = time.monotonic() + deadline_s
+    while (health := c.get(url + "/health").json())["requests"] and time.monotonic() < end:
+        time.sleep(0.05)
+    return health
+
+
 def test_a_client_that_disconnects_stops_its_generation(served):
-    auth = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 1}
-    with httpx.Client(timeout=60, headers=auth) as c:
-        # A seed whose full answer runs all 200 tokens (seeded sampling repeats exactly).
-        seed = next(s for s in range(20) if c.post(served + "/v1/chat/completions", json=body | {"seed": s})
-                    .json()["usage"]["completion_tokens"] == 200)
-        before = c.get(served + "/health").json()["steps"]
-        with c.stream("POST", served + "/v1/chat/completions", json=body | {"seed": seed, "stream": True}) as r:
+    messages = [{"role": "user", "content": "hi"}]
+    seed = long_answer_seed(served, messages)
+    body = {"model": "alpha", "messages": messages, "max_tokens": 200, "temperature": 1, "seed": seed, "stream": True}
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
+        before = wait_until_idle(c, served)["steps"]
+        with c.stream("POST", served + "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
             got = [next(lines) for _ in range(3)]
         assert got[0].startswith("data: ")
-        time.sleep(1.0)
-        health = c.get(served + "/health").json()
+        health = wait_until_idle(c, served)
     assert health["requests"] == 0  # nothing still generating for the client that left
-    assert health["steps"] - before < 150  # the full answer would have taken 200 decoding steps
+    assert health["steps"] - before < 200  # stopped before the answer's 200 decoding steps
 
 
 def test_web_chat_in_headless_chromium(served, tmp_path):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver, "chromium and chromium-driver must be installed (.ci/run installs them)"
+    assert chromium and driver, "chromium and chromium-driver are missing: README's test command installs them"
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -114,7 +128,7 @@ def test_web_chat_in_headless_chromium(served, tmp_path):
     browser = webdriver.Chrome(service=Service(driver), options=opts)
     try:
         browser.get(served + "/")
-        wait = WebDriverWait(browser, 30)
+        wait = WebDriverWait(browser, 180)  # an upper bound for a loaded machine, not a timing window
         browser.find_element(By.ID, "key").send_keys(KEY)
         browser.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
         wait.until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 2)
@@ -143,6 +157,10 @@ def test_web_chat_in_headless_chromium(served, tmp_path):
         browser.find_element(By.ID, "max_tokens").send_keys("200")
         browser.find_element(By.ID, "temperature").clear()
         browser.find_element(By.ID, "temperature").send_keys("1")
+        # Seeded (the page's seed field), so the sampled answer is one that runs all 200 tokens.
+        assert Select(browser.find_element(By.ID, "model")).first_selected_option.get_attribute("value") == "beta"
+        seed = long_answer_seed(served, [{"role": "user", "content": "tell me more"}], model="beta")
+        browser.find_element(By.ID, "seed").send_keys(str(seed))
         browser.find_element(By.ID, "input").send_keys("tell me more")
         # Click stop from inside the page the moment the first text arrives (a poll from here could come too late).
         browser.execute_script("""

@@ -189,16 +189,37 @@ def test_too_many_requests_and_api_key(served_modules, server):
         assert call(server, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert call(server, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert call(server, "GET", "/health").status_code == 200
+        # Every POST route too: no key or a wrong one is a 401 in OpenAI's shape, the key gets an answer.
+        for path, body in (("/v1/chat/completions", {"model": "alpha", "messages": MSGS, "max_tokens": 2}),
+                           ("/v1/completions", {"model": "alpha", "prompt": "The river", "max_tokens": 2})):
+            for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                r = call(server, "POST", path, body, headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error", (path, headers)
+            assert call(server, "POST", path, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
     finally:
         server.cfg.api_key = None
 
 
-def test_concurrent_requests_share_a_batch_and_keep_their_answers(server):
-    bodies = [{"model": "alpha", "messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 8}
+@pytest.fixture
+def batch_of(server):
+    """Make the idle engine wait for exactly n requests before it starts a batch: a batch forms when the n-th
+    arrives (the window is only an upper bound), however slowly a loaded machine delivers them."""
+    saved = server.engine.batch_window, server.engine.max_batch
+
+    def hold(n):
+        server.engine.batch_window, server.engine.max_batch = 600.0, n
+
+    yield hold
+    server.engine.batch_window, server.engine.max_batch = saved
+
+
+@pytest.mark.parametrize("name", ["alpha", "beta"])  # token and prompt conditioning
+def test_concurrent_requests_share_a_batch_and_keep_their_answers(server, batch_of, name):
+    bodies = [{"model": name, "messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 8}
               for q in ("sum of 5 and 5", "The city of the river was founded in", "hello")]
     alone = [call(server, "POST", "/v1/chat/completions", b).json()["choices"][0]["message"]["content"] for b in bodies]
-    server.engine.max_rows, window = 0, server.engine.batch_window
-    server.engine.batch_window = 0.3  # a busy test machine: room for all three to arrive
+    server.engine.max_rows = 0
+    batch_of(3)
 
     async def together():
         transport = httpx.ASGITransport(app=create_app(server, load=False))
@@ -206,10 +227,7 @@ def test_concurrent_requests_share_a_batch_and_keep_their_answers(server):
             rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
         return [r.json()["choices"][0]["message"]["content"] for r in rs]
 
-    try:
-        assert asyncio.run(together()) == alone
-    finally:
-        server.engine.batch_window = window
+    assert asyncio.run(together()) == alone
     assert server.engine.max_rows == 3  # one batch: one source pass, one step for all three
 
 
@@ -274,12 +292,11 @@ def test_batches_never_outgrow_the_context():
     assert [len(b) for b in split_batches([small] * 5, 2, 256)] == [2, 2, 1]
 
 
-def test_a_long_prompt_and_a_long_answer_arriving_together_both_succeed(server):
+def test_a_long_prompt_and_a_long_answer_arriving_together_both_succeed(server, batch_of):
     bodies = [{"model": "alpha", "messages": [{"role": "user", "content": "x " * 100}], "temperature": 0,
                "max_tokens": 8},
               {"model": "alpha", "messages": MSGS, "temperature": 0, "max_tokens": 200}]
-    window = server.engine.batch_window
-    server.engine.batch_window = 0.3
+    batch_of(2)
 
     async def together():
         transport = httpx.ASGITransport(app=create_app(server, load=False))
@@ -290,5 +307,5 @@ def test_a_long_prompt_and_a_long_answer_arriving_together_both_succeed(server):
         server.cfg.max_answer_tokens, saved = 200, server.cfg.max_answer_tokens
         rs = asyncio.run(together())
     finally:
-        server.engine.batch_window, server.cfg.max_answer_tokens = window, saved
+        server.cfg.max_answer_tokens = saved
     assert [r.status_code for r in rs] == [200, 200], [r.text for r in rs]

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -60,3 +61,91 @@ def test_bf16_autocast_with_bf16_source_and_packing(cfg, tmp_path):
     r = train(cfg(precision="bf16", source_dtype="bfloat16", packing=True, epochs=4,
                   output_dir=str(tmp_path / "bf")), log=lambda s: None)
     assert r.best_val_loss < 0.8 * r.first_val_loss
+
+
+def test_max_steps_eval_every_and_save_every(cfg, monkeypatch):
+    """max_steps ends the run mid-epoch; validation runs every eval_every steps and at the end; `last` is saved
+    every save_every steps and at the end (an epoch here is 14 steps: no epoch end interferes)."""
+    from llm_modules.training.trainer import Trainer
+
+    validated, saved = [], []
+    real_validate, real_save = Trainer.validate, Trainer.save
+    monkeypatch.setattr(Trainer, "validate", lambda self: (validated.append(self.step_count), real_validate(self))[1])
+    monkeypatch.setattr(Trainer, "save", lambda self, folder, with_state=False: (
+        saved.append((self.step_count, folder.name, with_state)), real_save(self, folder, with_state))[1])
+    r = train(cfg(epochs=3, max_steps=7, eval_every=2, save_every=3), log=lambda s: None)
+    assert r.steps == 7
+    assert validated == [0, 2, 4, 6, 7]  # the starting point, every 2 steps, the end
+    assert [s for s, name, state in saved if name == "last"] == [3, 6, 7]
+    assert all(state for _, name, state in saved if name == "last")
+
+
+def _train_process(recipe, *extra):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.Popen([sys.executable, "-m", "llm_modules.cli", "train", "--config", str(recipe), *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_process_killed_at_a_random_moment_resumes_to_the_same_weights(fx, tmp_path):
+    """SIGKILL (no handler runs, no final save) at a random moment of a run that saves `last` at every step, so
+    the kill may land mid-step or mid-save; --resume then ends with the weights of an uninterrupted run."""
+    import random
+    import signal
+
+    from conftest import write_tiny_recipe
+
+    from llm_modules.io import read_json
+
+    runs = {}
+    for name in ("whole", "killed"):
+        folder = tmp_path / name
+        folder.mkdir()
+        recipe, _ = write_tiny_recipe(fx, folder, rows=64)
+        recipe.write_text(recipe.read_text().replace("epochs: 1", "epochs: 8") + "save_every: 1\nlr_bridge: 0.003\n")
+        runs[name] = recipe
+    whole = _train_process(runs["whole"])
+    out, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, out
+    total = read_json(tmp_path / "whole" / "run" / "last" / "trainer_state.json")["step"]
+    target, delay = random.randint(2, total // 2), random.uniform(0.0, 0.05)
+    state = tmp_path / "killed" / "run" / "last" / "trainer_state.json"
+    proc = _train_process(runs["killed"])
+    step = 0
+    while step < target and proc.poll() is None:
+        try:
+            step = read_json(state)["step"]
+        except (FileNotFoundError, ValueError):  # not written yet, or being replaced right now
+            pass
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    why = f"killed {delay:.3f} s after step {target} of {total}"
+    assert proc.returncode == -signal.SIGKILL, why
+    resumed = _train_process(runs["killed"], "--resume")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, f"{why}: {out}"
+    a = load_file(str(tmp_path / "whole" / "run" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "run" / "last" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, why
+    assert read_json(state)["step"] == total, why
+    steps = [x["step"] for x in map(json.loads, (tmp_path / "killed" / "run" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in x]
+    assert steps == sorted(set(steps)), why  # no step logged twice across the kill
+
+
+def test_a_folder_a_kill_left_mid_save_is_put_back(tmp_path):
+    """The window of atomic_dir a kill can hit: the old `last` moved aside, the new one not yet in place."""
+    from llm_modules.io import recover_dir
+
+    last = tmp_path / "last"
+    old, half = tmp_path / ".last.old.1234", tmp_path / ".last.abc.tmp"
+    old.mkdir(), half.mkdir()
+    (old / "trainer_state.json").write_text("{}")
+    (half / "model.safetensors").write_text("half")
+    assert recover_dir(last) and (last / "trainer_state.json").exists()
+    assert not old.exists() and not half.exists()
+    assert not recover_dir(last) and last.exists()  # nothing to do the second time

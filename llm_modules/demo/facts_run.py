@@ -18,7 +18,7 @@ from ..data import Formatter, parse_row
 from ..info import per_token_parameters
 from ..io import atomic_write_text
 from ..model import LLMModule
-from ..source import load_causal_lm, load_tokenizer
+from ..knowledge_source import load_causal_lm, load_tokenizer
 from ..training.recipe import TrainConfig
 from ..training.trainer import Trainer
 from .facts import FactSplit, RealFact, complete, load_facts, probe_source, score, split_by_entity, wilson
@@ -172,8 +172,8 @@ def _pct(x: float | None) -> str:
 
 
 def run_facts(cfg: FactsConfig, log: Log = print) -> dict[str, Any]:
-    from ..sources import fetch_source
-    from ..source import KnowledgeSource
+    from ..fetch_source import fetch_source
+    from ..knowledge_source import KnowledgeSource
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -233,29 +233,13 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def plot_facts(table: dict[str, dict[str, Any]], path: Path, n_seeds: int) -> None:
     """Test EM on all test facts and on unseen answers per system: mean bars, min-max whiskers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_write
+    from .plots import Series, plot_bars
 
     names = list(table)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for j, (part, label) in enumerate((("all", "all test facts"), ("unseen", "answers never trained on"))):
-        cells = [table[n][part] for n in names]
-        means = [c["mean"] or 0.0 for c in cells]
-        err = [[m - (c["min"] if c["min"] is not None else m) for m, c in zip(means, cells)],
-               [(c["max"] if c["max"] is not None else m) - m for m, c in zip(means, cells)]]
-        ax.bar([i + (j - 0.5) * 0.4 for i in range(len(names))], means, 0.4, yerr=err, capsize=3, label=label)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=7)
-    ax.set_ylabel(f"exact match (mean, min-max over {n_seeds} seed(s))")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    series = [Series(label, [table[n][part]["mean"] for n in names], [table[n][part]["min"] for n in names],
+                     [table[n][part]["max"] for n in names])
+              for part, label in (("all", "all test facts"), ("unseen", "answers never trained on"))]
+    plot_bars(path, names, series, f"exact match (mean, min-max over {n_seeds} seed(s))")
 
 
 def _cell(c: dict[str, Any]) -> str:

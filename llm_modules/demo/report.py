@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write_text
+from .plots import Series, plot_bars, plot_curves
 
 
 def display(text: str) -> str:
@@ -43,38 +44,11 @@ def print_table(summary: dict[str, Any], log: Callable[[str], None] = print) -> 
 
 
 def write_report(out: Path, summary: dict[str, Any], curves: dict[str, list[float]], pre: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, ys in curves.items():
-        if ys:
-            ax.plot([i / max(1, len(ys) - 1) for i in range(len(ys))], ys, label=name)
-    ax.set_xlabel("fraction of task training")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(out / "loss_curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-
+    plot_curves(out / "loss_curves.png", curves, "fraction of task training", "training loss")
     names = list(summary["results"])
-    fig, ax = plt.subplots(figsize=(8, 4))
-    x = range(len(names))
-    for off, key, label in ((-0.27, "heldout_entities", "held-out entity facts"),
-                             (0.0, "heldout_arithmetic", "held-out arithmetic"), (0.27, "trained", "trained questions")):
-        ax.bar([i + off for i in x], [summary["results"][n][key] for n in names], 0.27, label=label)
-    ax.set_xticks(list(x))
-    ax.set_xticklabels([n.split(" (")[0] for n in names], rotation=15, fontsize=8)
-    ax.set_ylabel("exact match")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(out / "accuracy.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    plot_bars(out / "accuracy.png", names,
+              [Series(label, [summary["results"][n][key] for n in names]) for key, label in METRICS],
+              "exact match", f"seed {summary['config']['seed']}")
 
     cfg = summary["config"]
     lines = ["# LLM Modules demo: knowledge transfer in a synthetic world", "",
@@ -140,26 +114,11 @@ def seeds_table(table: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def write_seeds_report(out: Path, summary: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     table, names = summary["table"], list(summary["table"])
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for j, (key, label) in enumerate(METRICS):
-        xs = [i + (j - 1) * 0.27 for i in range(len(names))]
-        means = [table[n][key]["mean"] for n in names]
-        err = [[m - table[n][key]["min"] for n, m in zip(names, means)], [table[n][key]["max"] - m for n, m in zip(names, means)]]
-        ax.bar(xs, means, 0.27, yerr=err, capsize=3, label=label)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([n.split(" (")[0] for n in names], rotation=15, fontsize=7)
-    ax.set_ylabel(f"exact match (mean, min-max over {len(summary['seeds'])} seeds)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(out / "accuracy.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    plot_bars(out / "accuracy.png", names,
+              [Series(label, [table[n][key]["mean"] for n in names], [table[n][key]["min"] for n in names],
+                      [table[n][key]["max"] for n in names]) for key, label in METRICS],
+              f"exact match (mean, min-max over {len(summary['seeds'])} seeds)")
     lines = ["# LLM Modules demo: knowledge transfer in a synthetic world, several seeds", "",
              f"Seeds {', '.join(map(str, summary['seeds']))}, each with its own world, pretraining and training "
              f"(reports in seedN/). Cells: mean over seeds (min-max) [Wilson 95% interval of all seeds' answers "

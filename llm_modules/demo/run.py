@@ -5,9 +5,11 @@
    facts, and a small model (GPT-Neo architecture) on general text without them. Both are cached.
 3. Train on task questions about some entities; evaluate on held-out entities the large model
    knows but no trained model saw in task form:
-     LLM Module (frozen large + bridge + small) | + the knowledge lookup | the same with prompt conditioning
-     (fast mode: the source reads the prompt only), and without the lookup | small fine-tuned | small from scratch |
-     distillation (logit KD from the large model) | the large model alone (corpus-form prompts).
+     LLM Module (frozen large + bridge + small, the paper's design) | fast mode (prompt conditioning: the source
+     reads the prompt only, with the knowledge lookup) | the large model fine-tuned (the distillation teacher) |
+     small fine-tuned | distillation (logit KD from that teacher) | the large model alone (corpus-form prompts);
+     with `ablation`, also the lookup under token conditioning, fast mode without the lookup, the small model
+     from scratch and distillation with the held-out prompts answered by the teacher.
 4. Write report.md, results.json, loss_curves.png and accuracy.png; print the results table.
 
 Every system, pretraining included, trains through the same Trainer as `llm-modules train`.
@@ -34,7 +36,7 @@ from ..info import per_token_parameters
 from ..io import atomic_write_text, default_cache_dir
 from ..loss import evaluate_loss
 from ..model import LLMModule
-from ..source import load_tokenizer
+from ..knowledge_source import load_tokenizer
 from ..training.causal_lm import CausalLMTrainee
 from ..training.pipeline import RunInputs
 from ..training.recipe import TrainConfig
@@ -43,6 +45,8 @@ from .report import display, print_table, row_line, write_report
 from .world import SYSTEM, Fact, World, grouped, make_world
 
 FIXED_PROMPTS = [("sum", {"a": 5, "b": 5}), ("remainder", {"a": 7, "b": 4})]
+PAPER = "LLM Module (frozen large + bridge + small)"
+SMALL, SCRATCH = "small fine-tuned", "small from scratch"
 TEACHER = "large fine-tuned (the distillation teacher)"
 KD = "distilled (logit KD from the fine-tuned large)"
 KD_TRANSFER = "distilled + held-out prompts (teacher-answered)"
@@ -74,6 +78,9 @@ class DemoConfig:
     kd_temperature: float = 2.0
     kd_alpha: float = 0.5
     """Weight of the hard-label loss in distillation (1 - alpha on the soft targets)."""
+    ablation: bool = False
+    """Also the ablations and extra baselines: the knowledge lookup under token conditioning, fast mode without
+    the lookup, the small model from scratch, distillation with the held-out prompts answered by the teacher."""
     eval_trained: int = 120
     """Trained-entity questions evaluated (a sample; held-out questions are all evaluated)."""
     threads: int = 0
@@ -304,24 +311,27 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         results[name], answers[name], curves[short] = got
         log(row_line(short, results[name]))
 
-    record("LLM Module (frozen large + bridge + small)", "LLM Module",
-           run_llm_module(cfg, task, large_dir, small_dir, out))
-    record(LOOKUP, "LLM Module + lookup",
-           run_llm_module(cfg, task, large_dir, small_dir, out, "token", "lookup"))
+    record(PAPER, "LLM Module", run_llm_module(cfg, task, large_dir, small_dir, out))
+    if cfg.ablation:
+        record(LOOKUP, "LLM Module + lookup", run_llm_module(cfg, task, large_dir, small_dir, out, "token", "lookup"))
     record(FAST, "LLM Module, fast", run_llm_module(cfg, task, large_dir, small_dir, out, "prompt", "lookup"))
-    record(FAST_PLAIN, "fast, no lookup", run_llm_module(cfg, task, large_dir, small_dir, out, "prompt"))
+    if cfg.ablation:
+        record(FAST_PLAIN, "fast, no lookup", run_llm_module(cfg, task, large_dir, small_dir, out, "prompt"))
     large = AutoModelForCausalLM.from_pretrained(str(large_dir)).eval()
     # A fair teacher for distillation: the large model fine-tuned on the training questions (it knows the format).
     torch.manual_seed(cfg.seed + 5)
     teacher = AutoModelForCausalLM.from_pretrained(str(large_dir))
     record(TEACHER, "large fine-tuned", run_baseline(cfg, task, TEACHER, teacher, out))
-    # What distillation can do with teacher queries: the teacher answers the held-out prompts (unlabeled inputs).
-    fmt = Formatter(tok, "paper", "assistant")
-    queries = [fmt.encode(parse_row({"system": SYSTEM, "conversations": [
-        {"from": "user", "value": f.question()}, {"from": "assistant", "value": a.strip() or "?"}]}, "transfer"))
-        for f, a in zip(world.heldout_facts, generate_answers(teacher, task.prompts(world.heldout_facts), 48, tok))]
-    for name, init, kd, extra in (("small fine-tuned", "pretrained", None, []), ("small from scratch", "scratch", None, []),
-                                  (KD, "pretrained", teacher, []), (KD_TRANSFER, "pretrained", teacher, queries)):
+    baselines = [(SMALL, "pretrained", None, []), (KD, "pretrained", teacher, [])]
+    if cfg.ablation:
+        # What distillation can do with teacher queries: the teacher answers the held-out prompts (unlabeled inputs).
+        fmt = Formatter(tok, "paper", "assistant")
+        queries = [fmt.encode(parse_row({"system": SYSTEM, "conversations": [
+            {"from": "user", "value": f.question()}, {"from": "assistant", "value": a.strip() or "?"}]}, "transfer"))
+            for f, a in zip(world.heldout_facts, generate_answers(teacher, task.prompts(world.heldout_facts), 48, tok))]
+        baselines[1:1] = [(SCRATCH, "scratch", None, [])]
+        baselines.append((KD_TRANSFER, "pretrained", teacher, queries))
+    for name, init, kd, extra in baselines:
         torch.manual_seed(cfg.seed + 7)
         small = (AutoModelForCausalLM.from_pretrained(str(small_dir)) if init == "pretrained"
                  else AutoModelForCausalLM.from_config(small_config(cfg, len(tok), tok)))

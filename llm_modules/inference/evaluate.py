@@ -43,7 +43,7 @@ def load_any(path: str) -> Any:
         return LLMModule.from_pretrained(path).eval()
     from transformers import AutoModelForCausalLM
 
-    from ..source import load_tokenizer
+    from ..knowledge_source import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     model.tokenizer = load_tokenizer(path)

@@ -17,7 +17,7 @@ from ..config import ModuleConfig
 from ..data import default_stop_strings
 from ..decode import context_limit
 from ..model import LLMModule, check_fingerprint, module_config_path
-from ..source import KnowledgeSource, load_causal_lm
+from ..knowledge_source import KnowledgeSource, load_causal_lm
 
 
 @dataclass

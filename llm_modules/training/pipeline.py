@@ -12,7 +12,7 @@ from ..config import position_limit
 from ..data import DataReport, Example, Formatter, ensure_pad_token, load_examples, pad_id, split_examples
 from ..features import FeatureCache, cache_key
 from ..model import LLMModule, check_fingerprint, load_trunk, source_for
-from ..source import KnowledgeSource, fingerprint_from_files, load_model_config, load_tokenizer
+from ..knowledge_source import KnowledgeSource, fingerprint_from_files, load_model_config, load_tokenizer
 from .recipe import TrainConfig
 
 Log = Callable[[str], None]

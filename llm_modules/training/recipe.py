@@ -1,7 +1,7 @@
 """TrainConfig: the options of a training run, read from a recipe YAML with `--key value` overrides.
 
-A recipe is one flat mapping. Module keys (large_model, small_model, num_heads, ..., format,
-system_prompt, loss_on) go to `TrainConfig.module`, a ModuleConfig, so they are declared once,
+A recipe is one flat mapping. Module keys (config.MODULE_KEYS and PROMPT_KEYS: large_model,
+small_model, num_heads, ..., format, system_prompt, loss_on) go to `TrainConfig.module`, a ModuleConfig, so they are declared once,
 there; every other key is a field below. Imports neither torch nor transformers.
 """
 
@@ -25,7 +25,8 @@ class TrainConfig:
     module: ModuleConfig = field(default_factory=ModuleConfig)
     """The module's settings; recipe keys: see ModuleConfig (large_model, small_model, init_small,
     source_layer, num_layers, num_heads, adapter_dim, intermediate_dim, dropout, gate_init,
-    attention, source_dtype) and PromptConfig (format, system_prompt, loss_on)."""
+    attention, source_dtype, knowledge_path, lookup_top_k, conditioning, answer_source_tokens,
+    tie_answer_embeddings) and PromptConfig (format, system_prompt, loss_on)."""
     init_from: str | None = None
     """Start from a saved llm-modules folder (e.g. a converted reference checkpoint) instead of building."""
     # data

@@ -26,6 +26,7 @@ import torch
 
 from ..data import collate, collate_packed, pack_indices, pad_id
 from ..loss import evaluate_loss
+from ..io import recover_dir
 from .checkpoint import read_trainer_state, rng_state, set_rng_state, write_trainer_state
 from .metrics import MetricsLog, plot_losses
 from .pipeline import RunInputs, prepare_run
@@ -113,6 +114,10 @@ class Trainer:
         self.acc = acc = Accelerator(mixed_precision=_mixed_precision(cfg.precision, use_cpu), cpu=use_cpu)
         self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
         self.say = self.log if self.main else (lambda s: None)
+        if resume:
+            if self.main and recover_dir(self.last_dir):
+                self.say(f"{self.last_dir}: put back the checkpoint a kill left aside mid-save")
+            acc.wait_for_everyone()
         saved = read_trainer_state(self.last_dir) if resume else None
         if saved is not None:
             changed = sorted(k for k, v in cfg.to_recipe().items() if saved["config"].get(k) != v)

@@ -10,14 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+import struct
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .config import torch_dtype
+from .io import first_line
 from .masks import decoder_inputs
+
+T = TypeVar("T")
 
 # Config keys that change how a model runs, not what it is.
 _RUNTIME_KEYS = {
@@ -44,19 +48,67 @@ def split_model_ref(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+class SourceReadError(ValueError):
+    """A knowledge source (or its config, weights or tokenizer) that cannot be read; the message is one line
+    naming it."""
+
+
+_CHECKED_GGUF: dict[tuple[str, int, int], None] = {}
+
+
+def check_gguf(path: str) -> None:
+    """Parse a local GGUF file's header and tensor table; a damaged or truncated file raises SourceReadError
+    naming it (the gguf reader itself fails with a bare struct.error deep inside transformers)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key in _CHECKED_GGUF:
+        return
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise SourceReadError(f"{path}: reading a GGUF source needs the gguf package "
+                              "(pip install -e \".[gguf]\")") from None
+    try:
+        GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the reader raises struct.error, ValueError, IndexError... on bad bytes
+        raise SourceReadError(f"{path}: not a readable GGUF file, damaged or truncated ({first_line(e)})") from None
+    _CHECKED_GGUF[key] = None
+
+
 def _gguf_kwargs(name: str) -> tuple[str, dict[str, Any]]:
     folder, gguf = split_model_ref(name)
     if gguf is None:
         return name, {}
-    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, gguf)):
+    path = os.path.join(folder, gguf)
+    if os.path.isdir(folder) and not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: no such GGUF file")
+    if os.path.isfile(path):
+        check_gguf(path)
     return folder, {"gguf_file": gguf}
+
+
+def _reading(name: str, what: str, load: Callable[[], T]) -> T:
+    """Run `load`; what transformers, safetensors or a tokenizer raise on a missing, damaged or truncated file
+    becomes one line naming the source (a local folder's damaged file is named by the library's own message)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except (SourceReadError, FileNotFoundError):
+        raise
+    except (OSError, ValueError, SafetensorError, struct.error, EOFError, UnicodeDecodeError) as e:
+        raise SourceReadError(f"knowledge source {name}: cannot read its {what} ({first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - e.g. the tokenizers library's exception on a damaged tokenizer.json
+        if type(e).__module__.split(".")[0] in ("tokenizers", "safetensors", "gguf"):
+            raise SourceReadError(f"knowledge source {name}: cannot read its {what} ({first_line(e)})") from None
+        raise
 
 
 def load_causal_lm(name: str, dtype: str = "bfloat16", **kwargs: Any) -> PreTrainedModel:
     """A causal LM from a hub id, a folder or a GGUF file, in `dtype`."""
     where, extra = _gguf_kwargs(name)
-    return AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **extra, **kwargs)
+    return _reading(name, "weights", lambda: AutoModelForCausalLM.from_pretrained(
+        where, dtype=torch_dtype(dtype), **extra, **kwargs))
 
 
 def load_model_config(name: str) -> Any:
@@ -64,7 +116,7 @@ def load_model_config(name: str) -> Any:
     from transformers import AutoConfig
 
     where, extra = _gguf_kwargs(name)
-    return AutoConfig.from_pretrained(where, **extra)
+    return _reading(name, "config", lambda: AutoConfig.from_pretrained(where, **extra))
 
 
 def load_tokenizer(name: str) -> Any:
@@ -80,13 +132,17 @@ def load_tokenizer(name: str) -> Any:
 
     where, extra = _gguf_kwargs(name)
     if extra:
-        return AutoTokenizer.from_pretrained(where, **extra)
-    cfg_path = cached_file(name, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
-    if cfg_path:
-        declared = json.loads(open(cfg_path, encoding="utf-8").read()).get("tokenizer_class", "")
-        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(name)
-    return AutoTokenizer.from_pretrained(name)
+        return _reading(name, "tokenizer", lambda: AutoTokenizer.from_pretrained(where, **extra))
+
+    def load() -> Any:
+        cfg_path = cached_file(name, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
+        if cfg_path:
+            declared = json.loads(open(cfg_path, encoding="utf-8").read()).get("tokenizer_class", "")
+            if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+                return PreTrainedTokenizerFast.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name)
+
+    return _reading(name, "tokenizer", load)
 
 
 def _config_hash(config: Any) -> str:
@@ -124,11 +180,15 @@ def fingerprint_from_files(name: str, elems: int = 65536) -> dict[str, Any] | No
     Returns None when the checkpoint is not in safetensors form, GGUF included (then load the
     model instead: GGUF tensors are quantised, the fingerprint hashes the dequantised weights).
     """
+    if split_model_ref(name)[1] is not None:
+        return None
+    return _reading(name, "weights", lambda: _fingerprint_from_files(name, elems))
+
+
+def _fingerprint_from_files(name: str, elems: int) -> dict[str, Any] | None:
     from safetensors import safe_open
     from transformers.utils import cached_file
 
-    if split_model_ref(name)[1] is not None:
-        return None
     config = load_model_config(name)
     index = cached_file(name, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
     if index:

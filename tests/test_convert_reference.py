@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoForCausalLM, GPTNeoModel
 
-from llm_modules.convert import convert_reference
+from llm_modules.convert_reference import convert_reference
 from llm_modules.model import LLMModule
 
 HEADS, ADAPTER = 8, 16

@@ -75,7 +75,7 @@ def convert_gguf(ref: str, out: Path, dtype: str = "float32") -> Path:
     from transformers import AutoModelForCausalLM
 
     from .config import torch_dtype
-    from .source import load_causal_lm, load_tokenizer
+    from .knowledge_source import load_causal_lm, load_tokenizer
 
     loaded = load_causal_lm(ref, dtype)
     config = loaded.config

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModel
 
 from .config import ModuleConfig
 from .model import LLMModule
-from .source import KnowledgeSource, load_tokenizer
+from .knowledge_source import KnowledgeSource, load_tokenizer
 
 _LAYER = re.compile(r"^qwen\.cross_attention_layers\.(\d+)\.(.*)$")
 _FROZEN_PREFIX = "qwen.model."
