@@ -5,8 +5,9 @@ the paper tokenizer's 151,646 entries. Measures, through the project's own Train
   - K training steps at SEQ tokens (batch 1, chunked loss), without and with gradient checkpointing:
     seconds per step and peak memory;
   - cached generation: prefill of a PROMPT-token prompt, then 32 new tokens: seconds per token, for the paper's
-    token conditioning and for prompt conditioning (fast mode; with and without the knowledge lookup) on the
-    same source, beside the source alone through transformers' `generate`.
+    token conditioning, for prompt conditioning (fast mode; with and without the knowledge lookup) and for fast
+    mode whose source catches up on the answer every K tokens (`source_every`, K in --source-every), on the same
+    source, beside the source alone through transformers' `generate`.
 
     python benchmarks/paper_size.py                 # CPU (2 cores: about 10 minutes)
     python benchmarks/paper_size.py --skip-train --generation-dtype bfloat16   # generation only, all in bf16
@@ -161,6 +162,8 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="generation only")
     ap.add_argument("--generation-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="dtype of the trained parts while generating (the source is bf16 throughout)")
+    ap.add_argument("--source-every", type=int, nargs="*", default=[2, 4, 8, 16],
+                    help="catch-up intervals K to time (fast mode with the lookup, source_every K)")
     args = ap.parse_args()
     quiet()
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -177,28 +180,30 @@ def main() -> None:
         print(f"train step, {args.seq} tokens, gradient checkpointing {'on ' if ckpt else 'off'}: "
               f"{mean:.2f} s/step (steps: {', '.join(f'{x:.2f}' for x in times)}); peak {gib:.2f} GiB")
     dtype = getattr(torch, args.generation_dtype)
-    fast = module_on(large, args.device, conditioning="prompt")  # the same source, prompt conditioning
-    lookup = module_on(large, args.device, conditioning="prompt", knowledge_path="lookup")  # + the knowledge lookup
-    for m in (module, fast, lookup):
+    # The same source under every schedule: token conditioning (the paper's), prompt conditioning (fast mode) with and
+    # without the lookup, and fast mode with the lookup whose source catches up on the answer every K tokens.
+    modules = {"token conditioning": module,
+               "prompt conditioning": module_on(large, args.device, conditioning="prompt"),
+               "prompt conditioning + knowledge lookup": module_on(large, args.device, conditioning="prompt",
+                                                                   knowledge_path="lookup")}
+    for k in args.source_every:
+        modules[f"+ lookup, source every {k} answer tokens"] = module_on(
+            large, args.device, conditioning="prompt", knowledge_path="lookup", source_every=k)
+    for m in modules.values():
         m.bridge.to(dtype), m.generation.to(dtype)
         if m.lookup is not None:
             m.lookup.to(dtype)
     # Three rounds, the sides alternating so drift on a shared machine hits them alike; each side's best round.
-    rounds = [(*(generation(m, args.device, args.prompt, args.new) for m in (module, fast, lookup)),
+    rounds = [({name: generation(m, args.device, args.prompt, args.new) for name, m in modules.items()},
                source_alone(large, args.device, args.prompt, args.new)) for _ in range(3)]
-    (prefill, per_token, gib), (prefill_p, per_token_p, gib_p), (prefill_l, per_token_l, gib_l) = (
-        min((r[i] for r in rounds), key=lambda x: x[1]) for i in range(3))
-    alone = min(r[3] for r in rounds)
-    print(f"trained parts in {args.generation_dtype} while generating; best of 3 rounds")
-    print(f"generation: prefill {args.prompt} tokens {prefill:.2f} s; {per_token:.3f} s per new token "
-          f"({args.new} cached steps); peak {gib:.2f} GiB")
-    print(f"generation, prompt conditioning: prefill {prefill_p:.2f} s; {per_token_p:.3f} s per new token; "
-          f"peak {gib_p:.2f} GiB")
-    print(f"generation, prompt conditioning + knowledge lookup: prefill {prefill_l:.2f} s; {per_token_l:.3f} s per new "
-          f"token; peak {gib_l:.2f} GiB")
+    best = {name: min((r[0][name] for r in rounds), key=lambda x: x[1]) for name in modules}
+    alone = min(r[1] for r in rounds)
+    print(f"trained parts in {args.generation_dtype} while generating; best of 3 rounds; prompt {args.prompt} tokens, "
+          f"{args.new} new tokens")
     print(f"the source alone (transformers generate, its 151,936-way head included): {alone:.3f} s per new token")
-    print(f"per new token: token conditioning {per_token / alone:.2f}x the source alone, "
-          f"prompt conditioning {per_token_p / alone:.2f}x, with the lookup {per_token_l / alone:.2f}x")
+    for name, (prefill, per_token, gib) in best.items():
+        print(f"generation, {name}: prefill {prefill:.2f} s; {per_token:.3f} s per new token, "
+              f"{per_token / alone:.2f}x the source alone; peak {gib:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .config import ModuleConfig
-    from .info import format_counts, module_from_configs, parameter_counts
+    from .info import format_counts, module_from_configs, parameter_counts, source_reads
     from .model import module_config_path, trunk_from_config_dict
     from .knowledge_source import load_model_config, load_tokenizer
 
@@ -54,6 +54,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     counts = parameter_counts(module_from_configs(large, small, vocab, **kw))
     print(title)
     print(format_counts(counts))
+    if args.model:
+        print(source_reads(cfg))
 
 
 def add_info(sub: argparse._SubParsersAction) -> None:
@@ -222,6 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                           facts=args.facts, seeds=tuple(args.seeds or [args.seed]))
         if args.answer_source_tokens is not None:
             cfg.answer_source_tokens = args.answer_source_tokens
+        cfg.source_every = args.source_every
         if args.ablation:
             cfg.systems = (*cfg.systems[:2], *ABLATION, *cfg.systems[2:])
         if args.threads:
@@ -244,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiments (CPU; synthetic DEMO_MIN min, facts about 15 min per seed)",
+    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiments (CPU, per seed: synthetic about 6 min, 12 with --ablation; facts about 15)",
                        description="--world synthetic (default, no downloads): generate a knowledge world, pretrain a "
                                    "small 'large' model on its facts and a small model on general text, then compare on "
                                    "held-out entities the LLM Module in the paper's design and in fast mode (prompt "
@@ -270,6 +273,9 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answer-source-tokens", type=int,
                    help="facts world: answer tokens the source also reads for the prompt-conditioned module "
                         "(default 1; 0 = none, the pure fast mode)")
+    p.add_argument("--source-every", type=int, default=0,
+                   help="facts world: the prompt-conditioned module's source catches up on the answer every K answer "
+                        "tokens (source_every; default 0: never)")
     p.add_argument("--cache-dir", help="where pretrained demo models are kept (default ~/.cache/llm-modules/demo)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke version (numbers are meaningless)")

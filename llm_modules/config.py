@@ -108,6 +108,11 @@ class ModuleConfig:
     """Prompt conditioning: the source also reads the first N tokens of each answer (they are handled as prompt),
     so generation costs N source steps per answer instead of none; later answer tokens read the source's states
     up to there. Lets the source spell the start of an answer (e.g. a multi-token name) at a bounded cost."""
+    source_every: int = 0
+    """Prompt conditioning: the source catches up on the answer every K answer tokens (past the first
+    `answer_source_tokens`), reading the K tokens it has not read in one forward; answer tokens read its states up
+    to its last catch-up (training masks them alike). 0 (default): never, pure fast mode. The source then costs one
+    forward of K tokens per K answer tokens, where token conditioning costs K forwards of one."""
     tie_answer_embeddings: bool | None = None
     """Prompt conditioning: the answer tokens' input embedding is the new head's weight (True) or a table of its
     own (False). None (default): tied, except with the knowledge path, whose head starts at zero: tied to it, every
@@ -152,6 +157,11 @@ class ModuleConfig:
             raise ValueError("conditioning 'prompt' needs attention 'causal'")
         if not isinstance(self.answer_source_tokens, int) or self.answer_source_tokens < 0:
             raise ValueError(f"answer_source_tokens must be an integer >= 0, got {self.answer_source_tokens!r}")
+        if isinstance(self.source_every, bool) or not isinstance(self.source_every, int) or self.source_every < 0:
+            raise ValueError(f"source_every must be an integer >= 0, got {self.source_every!r}")
+        if self.source_every and self.conditioning != "prompt":
+            raise ValueError(f"source_every {self.source_every} needs conditioning 'prompt' (under conditioning "
+                             f"'{self.conditioning}' the source reads every answer token already)")
         if self.knowledge_path != "none" and self.source_layer != -1:
             raise ValueError(f"knowledge_path {self.knowledge_path!r} reads the source's final states: set source_layer to -1")
         if self.knowledge_path == "lookup" and self.attention != "causal":
@@ -202,7 +212,7 @@ class ModuleConfig:
 # Keys a recipe may set on the module (the rest are filled in by building and saving it).
 MODULE_KEYS = ("large_model", "small_model", "init_small", "source_layer", "num_layers", "num_heads", "adapter_dim",
                "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype", "knowledge_path", "lookup_top_k",
-               "conditioning", "answer_source_tokens", "tie_answer_embeddings")
+               "conditioning", "answer_source_tokens", "source_every", "tie_answer_embeddings")
 PROMPT_KEYS = ("format", "system_prompt", "loss_on")
 
 

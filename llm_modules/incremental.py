@@ -6,7 +6,8 @@ its keys and top-k tables over the source positions. Each call reads new tokens 
 the last one, equal to `LLMModule.forward` over the whole text so far.
 
 Under prompt conditioning the source reads the prompt and the first `answer_source_tokens` answer tokens; later
-answer tokens reach the trunk alone (`_answer_step`: no source step). A conversation's next turn can go on from
+answer tokens reach the trunk alone (`_answer_step`: no source step), except that with `source_every` K the K-th
+unread one makes the source catch up on all K in one forward (`_read`). A conversation's next turn can go on from
 the state its previous turn left (`resume`): the source first catches up on the answer it skipped.
 """
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .knowledge import LookupMemory
-from .masks import cross_attention_mask, position_ids_from_mask, prompt_limits, within_turn
+from .masks import cross_attention_mask, position_ids_from_mask, read_limits, within_turn
 
 
 @dataclass
@@ -61,10 +62,17 @@ def step(module: Any, new_ids: Tensor, state: DecodeState | None = None, attenti
         answer = answer_mask if answer_mask is not None else ones * 0
         return _read(module, new_ids, attention_mask if attention_mask is not None else ones, answer,
                      DecodeState.empty(new_ids))
-    if module.config.conditioning == "prompt":
+    cfg = module.config
+    if cfg.conditioning == "prompt":
+        if cfg.source_every and new_ids.shape[1] > 1:  # a catch-up may fall inside: one token at a time
+            for i in range(new_ids.shape[1]):
+                logits, state = step(module, new_ids[:, i:i + 1], state)
+            return logits, state
         state.answer_fed += new_ids.shape[1]
-        if state.answer_fed > module.config.answer_source_tokens:
+        past_start = state.answer_fed - cfg.answer_source_tokens  # answer tokens fed past the first N
+        if past_start > 0 and not (cfg.source_every and past_start % cfg.source_every == 0):
             return _answer_step(module, new_ids, state)
+        # else: one of the first N, or the K-th unread answer token: the source catches up (`_read`)
     return _read(module, new_ids, ones, ones, state)  # tokens fed to a state are the answer being written
 
 
@@ -112,8 +120,8 @@ def _read(module: Any, new_ids: Tensor, new_attention: Tensor, new_answer: Tenso
     state.bridge_kv, state.source_mask = kvs, source_mask
     marked = module.prompt_answers(state.answer_mask)  # None in token conditioning
     if marked is not None and bool(marked[:, -n:].any()):
-        xmask = cross_attention_mask(source_mask, n, causal=True, past_len=past,
-                                     key_limit=prompt_limits(marked.long())[:, -n:])
+        limits = read_limits(marked.long(), module.config.source_every)
+        xmask = cross_attention_mask(source_mask, n, causal=True, past_len=past, key_limit=limits[:, -n:])
         embeds = module.bridge.stream(p[:, -n:], kvs, xmask, module.answer_embeddings(new_ids), marked[:, -n:])
     else:
         xmask = cross_attention_mask(source_mask, n, causal=True, past_len=past)
@@ -122,7 +130,10 @@ def _read(module: Any, new_ids: Tensor, new_attention: Tensor, new_answer: Tenso
                                                   position_ids_from_mask(state.attention_mask)[:, -n:],
                                                   cache=state.trunk_cache, use_cache=True)
     src_logits = module.source_logits(h[:, -1]) if module.knowledge is not None else None
-    return module.output_logits(hidden[:, -1], src_logits, lookup=_lookup(module, h, xmask, state)).float(), state
+    # As in training, the knowledge path adds nothing at an answer position (a catch-up step's token).
+    answer = marked[:, -1] if marked is not None else None
+    return module.output_logits(hidden[:, -1], src_logits, answer,
+                                lookup=_lookup(module, h, xmask, state)).float(), state
 
 
 def _answer_step(module: Any, new_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:

@@ -56,6 +56,17 @@ def per_token_parameters(model: torch.nn.Module) -> int:
     return _count(model)
 
 
+def source_reads(cfg: ModuleConfig) -> str:
+    """How often the knowledge source runs while an answer is written, in words (`llm-modules info --model`)."""
+    if cfg.conditioning == "token":
+        return "source reads: every answer token, one forward each (token conditioning)"
+    first = f"the first {cfg.answer_source_tokens} answer token(s) one forward each; " if cfg.answer_source_tokens else ""
+    k = cfg.source_every
+    rest = (f"then one forward over every {k} answer tokens ({1 / k:.3g} forwards per answer token)" if k
+            else "no answer token after that")
+    return f"source reads: the prompt in one forward; {first}{rest}"
+
+
 def module_from_configs(
     large: PretrainedConfig, small: PretrainedConfig, vocab_size: int, **config_kwargs: Any
 ) -> LLMModule:

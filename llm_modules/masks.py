@@ -73,6 +73,21 @@ def prompt_limits(answer_mask: Tensor) -> Tensor:
     return torch.where(answer_mask > 0, torch.full_like(idx, -1), idx).cummax(-1).values
 
 
+def read_limits(answer_mask: Tensor, every: int = 0) -> Tensor:
+    """[B, T]: the last source position each query may read under prompt conditioning, the source catching up on
+    each answer every `every` tokens (0: never, `prompt_limits`).
+
+    Answer token j (0-based in its answer) is read by the source, with the K - 1 before it, when j + 1 is a
+    multiple of K; a query there reads up to its answer's token K * floor((j + 1) / K) - 1, itself included.
+    """
+    limits = prompt_limits(answer_mask)
+    if every <= 0:
+        return limits
+    idx = torch.arange(answer_mask.shape[-1], device=answer_mask.device).expand_as(answer_mask)
+    caught = limits + torch.div(idx - limits, every, rounding_mode="floor") * every
+    return torch.where(answer_mask > 0, caught, limits)
+
+
 def turn_starts(answer_mask: Tensor) -> Tensor:
     """[B, T]: where each position's turn starts, the first token after the last answer completed before it (0 in
     the first turn); a position inside an answer belongs to the turn of the prompt before it."""

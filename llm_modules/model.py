@@ -296,7 +296,8 @@ class LLMModule(nn.Module):
         if source_states is None:
             source_states = self._source_states(input_ids, attention_mask)
         answer = self.prompt_answers(answer_mask)
-        xmask = self.bridge.cross_mask(attention_mask, None if answer is None else answer.long())
+        xmask = self.bridge.cross_mask(attention_mask, None if answer is None else answer.long(),
+                                       self.config.source_every)
         if answer is None:
             embeds = self.bridge(source_states, attention_mask, mask=xmask)
         else:

@@ -126,6 +126,7 @@ def test_info_from_local_configs_and_saved_module(fx, trained, capsys):
     counts = parameter_counts(LLMModule.from_pretrained(trained[0]))
     line = f"{counts['trained']:,}"
     assert line in from_configs and line in from_module
+    assert "source reads: every answer token, one forward each (token conditioning)" in from_module
 
 
 def test_serve_refuses_bad_models_before_opening_a_port(trained, tmp_path, capsys):

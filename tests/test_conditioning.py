@@ -21,6 +21,31 @@ def test_prompt_limits():
     assert prompt_limits(a).tolist() == [[0, 1, 1, 1, 4, 4, 4]]
 
 
+def test_read_limits_catch_up_every_k_answer_tokens():
+    from llm_modules.masks import read_limits
+
+    a = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 1, 1, 1]])  # prompt 0-1, answer 2-6, prompt 7, answer 8-10
+    assert read_limits(a, 0).tolist() == prompt_limits(a).tolist()
+    # K = 2: answer tokens 2, 3 read up to 1, then 3 (the source read 2-3 with 3), 4 -> 3, 5 -> 5, 6 -> 5; the
+    # second answer starts afresh from its prompt (7).
+    assert read_limits(a, 2).tolist() == [[0, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9]]
+    assert read_limits(a, 1).tolist() == [list(range(11))]  # every token: token conditioning's reach
+    assert read_limits(a, 3).tolist() == [[0, 1, 1, 1, 4, 4, 4, 7, 7, 7, 10]]
+
+
+def test_source_every_is_validated_and_saved(build, tmp_path):
+    from llm_modules.config import ModuleConfig
+
+    with pytest.raises(ValueError, match="source_every 4 needs conditioning 'prompt'"):
+        ModuleConfig(large_model="x", source_every=4)
+    with pytest.raises(ValueError, match="source_every must be an integer >= 0"):
+        ModuleConfig(large_model="x", conditioning="prompt", source_every=-1)
+    m = build(conditioning="prompt", source_every=4)
+    m.save_pretrained(tmp_path / "m")
+    assert LLMModule.from_pretrained(tmp_path / "m").config.source_every == 4
+    assert ModuleConfig.from_dict({"large_model": "x", "conditioning": "prompt"}).source_every == 0  # older folders
+
+
 def test_answer_logits_depend_on_the_prompt_only_through_the_source(build):
     m = build(conditioning="prompt", seed=1).eval()
     ids, answer = _case(m)
@@ -50,6 +75,10 @@ def test_answer_logits_depend_on_the_prompt_only_through_the_source(build):
     ("large_qwen2", "small_gpt_neo", {"knowledge_path": "logits", "answer_source_tokens": 2}),
     ("large_llama", "small_gpt_neo", {"knowledge_path": "lookup", "lookup_top_k": 5}),
     ("large_qwen2", "small_gpt2", {"knowledge_path": "lookup", "answer_source_tokens": 1}),
+    # the source catching up on the answer every K tokens
+    ("large_qwen2", "small_gpt_neo", {"source_every": 3}),
+    ("large_llama", "small_gpt_neo", {"knowledge_path": "lookup", "source_every": 2, "answer_source_tokens": 1}),
+    ("large_qwen2", "small_qwen2", {"knowledge_path": "logits", "source_every": 5}),
 ])
 def test_cached_decoding_equals_full_recomputation_without_source_steps(build, large, small, extra):
     from llm_modules.decode import decode
@@ -68,8 +97,10 @@ def test_cached_decoding_equals_full_recomputation_without_source_steps(build, l
                                                eos_token_id=[], use_cache=cache)]
 
     runs = [run(True)]
-    k = extra.get("answer_source_tokens", 0)
-    assert calls == [enc.input_ids.shape[1]] + [1] * k  # the prompt in one pass, k answer tokens, then no source step
+    k, every = extra.get("answer_source_tokens", 0), extra.get("source_every", 0)
+    # The prompt in one pass, k answer tokens one by one, then no source step, or one pass over every K tokens of the
+    # 63 fed (the 64th token is never fed).
+    assert calls == [enc.input_ids.shape[1]] + [1] * k + ([every] * ((63 - k) // every) if every else [])
     runs.append(run(False))
     assert torch.equal(torch.stack([t for t, _ in runs[0]]), torch.stack([t for t, _ in runs[1]]))
     assert max((x - y).abs().max().item() for (_, x), (_, y) in zip(*runs)) <= 1e-4

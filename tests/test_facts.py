@@ -82,7 +82,7 @@ def test_whole_facts_benchmark_on_a_tiny_local_source(fx, tmp_path):
                   desc="src", progress=False)
     src_dir = tmp_path / "src_run" / "last"
     cfg = FactsConfig(out=str(tmp_path / "out"), source=str(src_dir), facts=str(tmp_path / "facts.jsonl"),
-                      seeds=(0, 1), epochs=2, small_hidden=32, batch_size=8, progress=False)
+                      seeds=(0, 1), epochs=2, small_hidden=32, batch_size=8, progress=False, source_every=2)
     cfg.systems = (*cfg.systems, *ABLATION)
     logs = []
     summary = run_facts(cfg, log=logs.append)
@@ -94,7 +94,8 @@ def test_whole_facts_benchmark_on_a_tiny_local_source(fx, tmp_path):
     assert "| LLM Module + knowledge path |" in report and "unseen answers" in report and "capital" in report
     fast, token = table["LLM Module + knowledge lookup, prompt conditioning"], table["LLM Module + knowledge path"]
     assert 0 < fast["per_token"] < token["per_token"] and fast["answer_source_tokens"] == 1
-    assert f"| {fast['per_token']:,} (+ the source on the first 1 answer token(s)) |" in report
+    assert fast["source_every"] == 2 and f"| {fast['per_token']:,} (+ the source on the first 1 answer token(s)) " \
+        "(+ a source forward over every 2 answer tokens) |" in report
     # The point of the pipeline: answers never trained on come out through the knowledge path, never through the
     # paper's design (its new head has never been trained to name them).
     from llm_modules.demo.facts_run import MODULE_KNOWLEDGE, MODULE_PAPER

@@ -14,6 +14,7 @@ from conftest import run_decode as _run
     {"conditioning": "prompt"},  # the source catches up on the last answer, which only the trunk read
     {"conditioning": "prompt", "knowledge_path": "lookup", "answer_source_tokens": 1},
     {"conditioning": "prompt", "knowledge_path": "logits", "answer_source_tokens": 2},
+    {"conditioning": "prompt", "knowledge_path": "lookup", "source_every": 4},  # caught up on 8 of the 9 fed
 ])
 def test_a_session_reads_only_a_turns_new_tokens_and_equals_reading_it_all(build, extra):
     """Turn 2 of a conversation, going on from turn 1's caches, gives the tokens and logits of reading the whole
@@ -35,7 +36,9 @@ def test_a_session_reads_only_a_turns_new_tokens_and_equals_reading_it_all(build
     real = m.source.forward
     m.source.forward = lambda *a, **k: (reads.append(a[0].shape[1]), real(*a, **k))[1]
     resumed = _run(m, ids, None, True, n=12, answer_mask=answer, session=session)
-    unread = 10 - extra.get("answer_source_tokens", 0) if extra.get("conditioning") == "prompt" else 1
+    n, every = extra.get("answer_source_tokens", 0), extra.get("source_every", 0)
+    read = n + ((9 - n) // every * every if every else 0)  # of the 9 answer tokens fed in turn 1
+    unread = 10 - read if extra.get("conditioning") == "prompt" else 1
     assert reads[0] == unread + 1 + follow.shape[1] < ids.shape[1]
     reads.clear()
     fresh = _run(m, ids, None, True, n=12, answer_mask=answer)

@@ -44,3 +44,17 @@ def test_paper_size_counts_match_closed_form():
     # pre_proj / proj / intermediate (those read the source's states of new tokens).
     assert c["per-token (token)"] == c["inference"] == 1_763_226_496
     assert c["per-token (prompt)"] == 2 * layer + c["small trunk"] + c["head"] == 213_310_976  # 0.12x
+
+
+def test_source_reads_per_schedule():
+    from llm_modules.config import ModuleConfig
+    from llm_modules.info import source_reads
+
+    def reads(**kw):
+        return source_reads(ModuleConfig(large_model="x", **kw))
+
+    assert reads() == "source reads: every answer token, one forward each (token conditioning)"
+    assert reads(conditioning="prompt") == "source reads: the prompt in one forward; no answer token after that"
+    assert reads(conditioning="prompt", answer_source_tokens=1, source_every=4) == (
+        "source reads: the prompt in one forward; the first 1 answer token(s) one forward each; then one forward "
+        "over every 4 answer tokens (0.25 forwards per answer token)")

@@ -62,6 +62,8 @@ class FactsConfig:
     """Prompt-conditioned module: answer tokens the source also reads (see ModuleConfig.answer_source_tokens). One
     lets the source pick the start of a multi-token answer and its continuation (0: 71.5%, with the knowledge path
     instead of the lookup, against 85.6% for token conditioning over 3 seeds; 1: 81.6%, see the README)."""
+    source_every: int = 0
+    """Prompt-conditioned module: the source catches up on the answer every K tokens (ModuleConfig.source_every)."""
     max_new_tokens: int = 8
     progress: bool = True
     systems: tuple[str, ...] = (MODULE_PAPER, MODULE_KNOWLEDGE, MODULE_FAST, SMALL, KD, KD_TRANSFER, SOURCE)
@@ -98,7 +100,8 @@ def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Pat
                   # not rebuild one shared cache in turn.
                   cache_dir=str(data.parent.parent / ("features-lookup" if knowledge == "lookup" else "features")))
     recipe.update(knowledge_path=knowledge, distill_weight=distill, conditioning=conditioning,
-                  answer_source_tokens=cfg.answer_source_tokens if conditioning == "prompt" else 0)
+                  answer_source_tokens=cfg.answer_source_tokens if conditioning == "prompt" else 0,
+                  source_every=cfg.source_every if conditioning == "prompt" else 0)
     desc = ("paper" if knowledge == "none" else knowledge) + ("+kd" if distill else "") + f" {conditioning} s{seed}"
     Trainer(TrainConfig.from_dict(recipe), log=lambda s: None, desc=desc).fit()
     return LLMModule.from_pretrained(run / "best", large_model=source).eval()
@@ -161,6 +164,7 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
         got[name]["per_token"] = per_token_parameters(model)
         if isinstance(model, LLMModule) and model.config.conditioning == "prompt":
             got[name]["answer_source_tokens"] = model.config.answer_source_tokens
+            got[name]["source_every"] = model.config.source_every
     if SOURCE in cfg.systems:  # the selection itself: the bare cue, which the source states by construction
         record(SOURCE_CUE, complete(source_lm, tok, [f.cue for f in split.test], cfg.max_new_tokens), 0.0)
         got[SOURCE_CUE]["per_token"] = per_token_parameters(source_lm)
@@ -228,6 +232,7 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         first = next(iter(runs.values()))[name]
         table[name]["per_token"] = first.get("per_token")
         table[name]["answer_source_tokens"] = first.get("answer_source_tokens")
+        table[name]["source_every"] = first.get("source_every")
     return table
 
 
@@ -264,6 +269,8 @@ def facts_report(summary: dict[str, Any]) -> str:
         cost = f"{t['per_token']:,}" if t.get("per_token") else "n/a"
         if t.get("answer_source_tokens"):
             cost += f" (+ the source on the first {t['answer_source_tokens']} answer token(s))"
+        if t.get("source_every"):
+            cost += f" (+ a source forward over every {t['source_every']} answer tokens)"
         lines.append(f"| {name} | " + " | ".join(_cell(t[p]) for p in parts) + f" | {cost} |")
     lines += ["", "## Per relation (test EM)", "", "| system | " + " | ".join(r[10:] for r in relations) + " |",
               "|---|" + "---|" * len(relations)]

@@ -68,7 +68,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     va = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     if tr:
-        ax.plot(*zip(*tr), label="train")
+        ax.plot(*zip(*tr), marker="." if len(tr) < 30 else None, label="train")  # a single point shows too
     if va:
         ax.plot(*zip(*va), marker="o", label="validation")
     ax.set_xlabel("optimiser step")
