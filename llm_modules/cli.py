@@ -225,6 +225,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
         if args.answer_source_tokens is not None:
             cfg.answer_source_tokens = args.answer_source_tokens
         cfg.source_every = args.source_every
+        if args.long_answers:
+            from .demo.facts_run import long_systems
+
+            cfg.long_answers, cfg.systems = True, long_systems(cfg.long_every)
         if args.ablation:
             cfg.systems = (*cfg.systems[:2], *ABLATION, *cfg.systems[2:])
         if args.threads:
@@ -247,7 +251,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiments (CPU, per seed: synthetic about 6 min, 12 with --ablation; facts about 15)",
+    p = sub.add_parser("demo", help="the built-in knowledge-transfer experiments (CPU, per seed: synthetic about 6 min, 12 with --ablation; facts about 11)",
                        description="--world synthetic (default, no downloads): generate a knowledge world, pretrain a "
                                    "small 'large' model on its facts and a small model on general text, then compare on "
                                    "held-out entities the LLM Module in the paper's design and in fast mode (prompt "
@@ -273,6 +277,10 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answer-source-tokens", type=int,
                    help="facts world: answer tokens the source also reads for the prompt-conditioned module "
                         "(default 1; 0 = none, the pure fast mode)")
+    p.add_argument("--long-answers", action="store_true",
+                   help="facts world: one paragraph per entity with four facts in the middle ('Tell me about "
+                        "Cyprus.'), scored per slot and per answer; token conditioning, fast mode, fast mode with the "
+                        "source catching up every 4 and 8 tokens, the small model, distillation, the source")
     p.add_argument("--source-every", type=int, default=0,
                    help="facts world: the prompt-conditioned module's source catches up on the answer every K answer "
                         "tokens (source_every; default 0: never)")

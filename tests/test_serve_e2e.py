@@ -20,29 +20,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(models, log, *extra):
+    """(process, base URL) of `llm-modules serve` on a free loopback port, once /health says ready."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "llm_modules.cli", "serve", *(a for n, p in models.items() for a in ("--model", f"{n}={p}")),
+           "--port", str(port), "--threads", "1", *extra]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, LLM_MODULES_API_KEY=KEY))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.terminate()
+    pytest.fail("server not ready: " + log.read_text())
+
+
 @pytest.fixture(scope="module")
 def served(served_modules, tmp_path_factory):
     """Base URL of a server with modules alpha (token conditioning) and beta (prompt conditioning)."""
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = dict(os.environ, LLM_MODULES_API_KEY=KEY)
-    cmd = [sys.executable, "-m", "llm_modules.cli", "serve", "--model", f"alpha={served_modules['alpha']}",
-           "--model", f"beta={served_modules['beta']}", "--port", str(port), "--threads", "1",
-           "--max-answer-tokens", "240"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server({n: served_modules[n] for n in ("alpha", "beta")}, log, "--max-answer-tokens", "240")
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
-        else:
-            pytest.fail("server not ready in 60 s: " + log.read_text())
         yield url
     finally:
         proc.terminate()
@@ -98,19 +102,28 @@ def wait_until_idle(c, url, deadline_s=120.0):
     return health
 
 
-def test_a_client_that_disconnects_stops_its_generation(served):
+def test_a_client_that_disconnects_is_never_generated_for(served, served_modules, tmp_path):
+    """A server whose idle engine waits for 2 requests before decoding (so no race with a fast engine): a streamed
+    request, seeded so that its answer would run all 200 tokens, loses its client while it waits; a second
+    request then decodes alone (seeded requests never share a batch) and the first never runs a step."""
     messages = [{"role": "user", "content": "hi"}]
-    seed = long_answer_seed(served, messages)
-    body = {"model": "alpha", "messages": messages, "max_tokens": 200, "temperature": 1, "seed": seed, "stream": True}
-    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
-        before = wait_until_idle(c, served)["steps"]
-        with c.stream("POST", served + "/v1/chat/completions", json=body) as r:
-            lines = r.iter_lines()
-            got = [next(lines) for _ in range(3)]
-        assert got[0].startswith("data: ")
-        health = wait_until_idle(c, served)
-    assert health["requests"] == 0  # nothing still generating for the client that left
-    assert health["steps"] - before < 200  # stopped before the answer's 200 decoding steps
+    seed = long_answer_seed(served, messages)  # the same module on the ordinary server
+    proc, url = start_server({"alpha": served_modules["alpha"]}, tmp_path / "held.log", "--max-batch", "2",
+                             "--batch-window-ms", "600000", "--max-answer-tokens", "240")
+    body = {"model": "alpha", "messages": messages, "max_tokens": 200, "temperature": 1}
+    try:
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
+            with c.stream("POST", url + "/v1/chat/completions", json=body | {"seed": seed, "stream": True}) as r:
+                first = next(r.iter_lines())  # the role chunk, sent before any token
+            assert first.startswith("data: ")
+            assert wait_until_idle(c, url)["requests"] == 0  # the server saw the client go
+            done = c.post(url + "/v1/chat/completions", json=body | {"seed": seed + 1, "max_tokens": 5}).json()
+            health = wait_until_idle(c, url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert done["usage"]["completion_tokens"] == 5
+    assert health["steps"] == 5  # the second request's only: the first, 200 tokens long, never ran
 
 
 def test_web_chat_in_headless_chromium(served, tmp_path):

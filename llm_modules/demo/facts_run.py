@@ -21,7 +21,9 @@ from ..model import LLMModule
 from ..knowledge_source import load_causal_lm, load_tokenizer
 from ..training.recipe import TrainConfig
 from ..training.trainer import Trainer
-from .facts import FactSplit, RealFact, complete, load_facts, probe_source, score, split_by_entity, wilson
+from .facts import (FactSplit, RealFact, complete, load_facts, normalise, probe_source, score, split_by_entity,
+                    states_answer, wilson)
+from .long_answers import SENTENCES, answers_part, long_answers, slot_text
 from .run import fit_causal_lm
 
 Log = Callable[[str], None]
@@ -42,7 +44,7 @@ MODULES = {MODULE_PAPER: ("none", 0.0, "token"), MODULE_KNOWLEDGE: ("logits", No
 
 @dataclass
 class FactsConfig:
-    """The real-facts benchmark; defaults run one seed in about 15 minutes on 2 CPU cores."""
+    """The real-facts benchmark; defaults run one seed in about 11 minutes on 2 CPU cores."""
 
     out: str = "demo_out/facts"
     source: str | None = None
@@ -67,6 +69,37 @@ class FactsConfig:
     max_new_tokens: int = 8
     progress: bool = True
     systems: tuple[str, ...] = (MODULE_PAPER, MODULE_KNOWLEDGE, MODULE_FAST, SMALL, KD, KD_TRANSFER, SOURCE)
+    long_answers: bool = False
+    """Long answers with facts in the middle (llm_modules.demo.long_answers) instead of one fact per answer: the
+    systems are LONG_SYSTEMS plus fast mode catching up every K tokens for K in `long_every`."""
+    long_every: tuple[int, ...] = (4, 8)
+    long_epochs: int = 40
+    long_max_new_tokens: int = 72
+
+
+# Long answers: every slot's value must come from the source while the answer is written.
+LONG_SYSTEMS = (MODULE_KNOWLEDGE, MODULE_FAST, SMALL, KD, SOURCE)
+
+
+def every_name(k: int) -> str:
+    return f"{MODULE_FAST}, source every {k} answer tokens"
+
+
+def long_systems(every: Sequence[int]) -> tuple[str, ...]:
+    """The long-answer systems: token conditioning, fast mode, fast mode catching up every K, the baselines."""
+    return (*LONG_SYSTEMS[:2], *(every_name(k) for k in every), *LONG_SYSTEMS[2:])
+
+
+def module_spec(name: str, cfg: "FactsConfig") -> tuple[str, float, str, int] | None:
+    """(knowledge path, distillation weight, conditioning, source_every) of a module system, None for the others."""
+    for k in cfg.long_every:
+        if name == every_name(k):
+            return "lookup", cfg.distill_weight, "prompt", k
+    if name not in MODULES:
+        return None
+    knowledge, distill, conditioning = MODULES[name]
+    return (knowledge, cfg.distill_weight if distill is None else distill, conditioning,
+            cfg.source_every if conditioning == "prompt" else 0)
 
 
 def _rows_file(path: Path, facts: Sequence[RealFact]) -> str:
@@ -89,26 +122,27 @@ def _small_config_dir(cfg: FactsConfig, out: Path) -> str:
 
 
 def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Path, seed: int, knowledge: str,
-                 distill: float, conditioning: str = "token") -> LLMModule:
+                 distill: float, conditioning: str = "token", every: int = 0, epochs: int | None = None) -> LLMModule:
     """One LLM Module on the split's training facts, best checkpoint on the validation entities."""
     recipe = dict(large_model=source, small_model=small, init_small="scratch", source_dtype=cfg.source_dtype,
                   num_heads=4, adapter_dim=64, dropout=0.0, format="plain", data=str(data / "train.jsonl"),
-                  val_data=str(data / "val.jsonl"), seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                  val_data=str(data / "val.jsonl"), seed=seed, epochs=epochs or cfg.epochs, batch_size=cfg.batch_size,
                   lr_bridge=cfg.lr, lr_small=cfg.lr, warmup_steps=10, output_dir=str(run), progress=cfg.progress,
-                  tensorboard=False, patience=0, max_length=128, feature_cache=True,
+                  tensorboard=False, patience=0, max_length=160, feature_cache=True,
                   # A lookup module's cache also holds the source's top-k tables: its own folder, so the systems do
                   # not rebuild one shared cache in turn.
                   cache_dir=str(data.parent.parent / ("features-lookup" if knowledge == "lookup" else "features")))
     recipe.update(knowledge_path=knowledge, distill_weight=distill, conditioning=conditioning,
                   answer_source_tokens=cfg.answer_source_tokens if conditioning == "prompt" else 0,
-                  source_every=cfg.source_every if conditioning == "prompt" else 0)
-    desc = ("paper" if knowledge == "none" else knowledge) + ("+kd" if distill else "") + f" {conditioning} s{seed}"
+                  source_every=every)
+    desc = (("paper" if knowledge == "none" else knowledge) + ("+kd" if distill else "") + f" {conditioning}"
+            + (f"/{every}" if every else "") + f" s{seed}")
     Trainer(TrainConfig.from_dict(recipe), log=lambda s: None, desc=desc).fit()
     return LLMModule.from_pretrained(run / "best", large_model=source).eval()
 
 
 def train_small(cfg: FactsConfig, tok: Any, rows: Sequence[dict], run: Path, seed: int, desc: str,
-                teacher: Any = None) -> Any:
+                teacher: Any = None, epochs: int | None = None) -> Any:
     """The small model alone (GPT-Neo from scratch over the source's vocabulary), optionally distilled."""
     from transformers import AutoModelForCausalLM
 
@@ -116,7 +150,7 @@ def train_small(cfg: FactsConfig, tok: Any, rows: Sequence[dict], run: Path, see
     examples = [fmt.encode(parse_row(r, "task")) for r in rows]
     torch.manual_seed(seed)
     small = AutoModelForCausalLM.from_config(small_config(cfg, len(tok), tok.eos_token_id))
-    fit_causal_lm(small, tok, examples, run, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
+    fit_causal_lm(small, tok, examples, run, epochs=epochs or cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
                   desc=desc, progress=cfg.progress, teacher=teacher, kd_temperature=2.0, kd_alpha=0.5)
     return small
 
@@ -143,11 +177,8 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
     train_rows = [f.row() for f in split.train]
     for name in cfg.systems:
         t = time.perf_counter()
-        if name in MODULES:
-            knowledge, distill, conditioning = MODULES[name]
-            slug = "".join(c if c.isalnum() else "_" for c in name)
-            model = train_module(cfg, source_ref, small_cfg, data, root / slug, seed, knowledge,
-                                 cfg.distill_weight if distill is None else distill, conditioning)
+        if (spec := module_spec(name, cfg)) is not None:
+            model = train_module(cfg, source_ref, small_cfg, data, root / _slug(name), seed, *spec)
         elif name == SMALL:
             model = train_small(cfg, tok, train_rows, root / "small", seed, "small")
         elif name == KD:
@@ -161,14 +192,66 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
         else:
             model = source_lm
         record(name, complete(model, tok, prompts, cfg.max_new_tokens), time.perf_counter() - t)
-        got[name]["per_token"] = per_token_parameters(model)
-        if isinstance(model, LLMModule) and model.config.conditioning == "prompt":
-            got[name]["answer_source_tokens"] = model.config.answer_source_tokens
-            got[name]["source_every"] = model.config.source_every
+        _costs(got[name], model)
     if SOURCE in cfg.systems:  # the selection itself: the bare cue, which the source states by construction
         record(SOURCE_CUE, complete(source_lm, tok, [f.cue for f in split.test], cfg.max_new_tokens), 0.0)
         got[SOURCE_CUE]["per_token"] = per_token_parameters(source_lm)
     return got
+
+
+def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known: set[RealFact], source_ref: str,
+                  source_lm: Any, tok: Any, out: Path, log: Log) -> dict[str, Any]:
+    """Every system on one entity split of the long answers: {system: slot scores + whole answers}."""
+    paragraphs = {a.entity: a for a in long_answers(facts)}
+    split = split_by_entity([f for a in paragraphs.values() for f in a.facts], seed)
+    train, val, test = ([paragraphs[e] for e in sorted({f.entity for f in part}, key=list(paragraphs).index)]
+                        for part in (split.train, split.val, split.test))
+    root = out / f"seed{seed}"
+    data = root / "data"
+    for name, part in (("train", train), ("val", val)):
+        atomic_write_text(data / f"{name}.jsonl", "".join(json.dumps(a.row()) + "\n" for a in part))
+    slots = [f for a in test for f in a.facts if f in known]  # only what the source states on its bare cue
+    targets = {normalise(f.answer) for a in train for f in a.facts}
+    unseen = {f for f in slots if normalise(f.answer) not in targets}
+    log(f"seed {seed}: long answers of {len(train)} train / {len(val)} validation / {len(test)} test entities; "
+        f"{len(slots)} test slots the source states ({len(unseen)} whose value was never a training target)")
+    small_cfg, got, written = _small_config_dir(cfg, out), {}, {}
+    for name in cfg.systems:
+        t = time.perf_counter()
+        if name == SOURCE:  # what the source knows there: the paragraph given up to each slot
+            texts = complete(source_lm, tok, [a.question() + a.prefix(f) for a in test for f in a.facts if f in known],
+                             cfg.max_new_tokens)
+            model, by_slot = source_lm, dict(zip(slots, texts))
+        else:
+            if (spec := module_spec(name, cfg)) is not None:
+                model = train_module(cfg, source_ref, small_cfg, data, root / _slug(name), seed, *spec,
+                                     epochs=cfg.long_epochs)
+            else:
+                model = train_small(cfg, tok, [a.row() for a in train], root / _slug(name), seed, name,
+                                    teacher=source_lm if name == KD else None, epochs=cfg.long_epochs)
+            paragraphs_out = complete(model, tok, [a.question() for a in test], cfg.long_max_new_tokens)
+            by_slot = {f: slot_text(text, f) for a, text in zip(test, paragraphs_out) for f in a.facts if f in known}
+            written[name] = dict(zip([a.entity for a in test], paragraphs_out))
+        got[name] = score(slots, [by_slot[f] for f in slots], unseen) | {"seconds": time.perf_counter() - t}
+        got[name]["whole answers"] = answers_part(test, {f: states_answer(by_slot[f], f.answer) for f in slots})
+        _costs(got[name], model)
+        s = got[name]
+        log(f"  seed {seed} {name}: slots {s['all']['em']:.1%}, unseen {_pct(s['unseen']['em'])}, whole answers "
+            f"{_pct(s['whole answers']['em'])} ({s['seconds']:.0f} s)")
+    atomic_write_text(root / "paragraphs.json", json.dumps(written, indent=1))  # what each system wrote
+    return got
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _costs(row: dict[str, Any], model: Any) -> None:
+    """What a system runs per new token, and how often its source reads the answer."""
+    row["per_token"] = per_token_parameters(model)
+    if isinstance(model, LLMModule) and model.config.conditioning == "prompt":
+        row["answer_source_tokens"] = model.config.answer_source_tokens
+        row["source_every"] = model.config.source_every
 
 
 def _pct(x: float | None) -> str:
@@ -198,7 +281,9 @@ def run_facts(cfg: FactsConfig, log: Log = print) -> dict[str, Any]:
     if len({f.entity for f in kept}) < 4:
         raise ValueError("the source states too few facts to split by entity (need facts about 4+ entities)")
     runs = {}
-    for seed in cfg.seeds:
+    for seed in cfg.seeds if cfg.long_answers else ():
+        runs[seed] = run_long_seed(cfg, seed, facts, set(kept), source_ref, source_lm, tok, out, log)
+    for seed in () if cfg.long_answers else cfg.seeds:
         split = split_by_entity(kept, seed)
         log(f"seed {seed}: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test facts "
             f"({len(split.unseen)} test answers never a training target)")
@@ -221,6 +306,7 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for r in runs.values():
             s = r[name]
             for part, v in [("all", s["all"]), ("unseen", s["unseen"]), ("seen", s["seen"]),
+                            *([("whole answers", s["whole answers"])] if "whole answers" in s else []),
                             *[(f"relation: {k}", v) for k, v in s["relations"].items()]]:
                 parts.setdefault(part, []).append(v)
         table[name] = {}
@@ -256,7 +342,8 @@ def _cell(c: dict[str, Any]) -> str:
 
 def facts_report(summary: dict[str, Any]) -> str:
     table, seeds = summary["table"], summary["config"]["seeds"]
-    parts = ["all", "unseen", "seen"]
+    long = summary["config"].get("long_answers")
+    parts = ["all", "unseen", "seen", *(["whole answers"] if long else [])]
     relations = sorted({p for t in table.values() for p in t if p.startswith("relation: ")})
     lines = ["# Real facts: knowledge transfer from a pretrained source", "",
              f"Source: `{summary['source']}`; it states {summary['kept']} of the facts when given their cue "
@@ -264,7 +351,12 @@ def facts_report(summary: dict[str, Any]) -> str:
              f"Split by entity (train / validation / test); seeds {', '.join(map(str, seeds))}. Cells: mean over "
              "seeds (min-max) [Wilson 95% interval over all seeds' test facts]. 'unseen': test facts whose answer "
              "is never a training target.", "",
-             "| system | test EM | unseen answers | seen answers | params run per new token |", "|---|---|---|---|---:|"]
+             *([f"Long answers (`--long-answers`): one paragraph per test entity stating {len(SENTENCES)} facts, "
+                "scored per slot (the value where the paragraph states it) and per whole answer (every counted slot "
+                "right); the source alone is given the paragraph up to each slot.", ""] if long else []),
+             "| system | " + ("slots right | unseen values | seen values | whole answers" if long else
+                              "test EM | unseen answers | seen answers") + " | params run per new token |",
+             "|---|---|---|---|" + ("---|" if long else "") + "---:|"]
     for name, t in table.items():
         cost = f"{t['per_token']:,}" if t.get("per_token") else "n/a"
         if t.get("answer_source_tokens"):
@@ -272,7 +364,7 @@ def facts_report(summary: dict[str, Any]) -> str:
         if t.get("source_every"):
             cost += f" (+ a source forward over every {t['source_every']} answer tokens)"
         lines.append(f"| {name} | " + " | ".join(_cell(t[p]) for p in parts) + f" | {cost} |")
-    lines += ["", "## Per relation (test EM)", "", "| system | " + " | ".join(r[10:] for r in relations) + " |",
+    lines += ["", f"## Per relation ({'slots right' if long else 'test EM'})", "", "| system | " + " | ".join(r[10:] for r in relations) + " |",
               "|---|" + "---|" * len(relations)]
     for name, t in table.items():
         lines.append(f"| {name} | " + " | ".join(_cell(t[r]) if r in t else "n/a" for r in relations) + " |")

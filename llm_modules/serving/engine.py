@@ -149,9 +149,10 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """Requests queued or generating."""
+        """Requests queued or generating (a queued request whose client has gone no longer counts)."""
         with self._lock:
-            return len(self._pending) + sum(1 for c in self._cohorts for r in c.requests if not r.done)
+            return (sum(1 for r in self._pending if not r.cancelled)
+                    + sum(1 for c in self._cohorts for r in c.requests if not r.done))
 
     def _admit(self) -> None:
         """Group the waiting requests into new cohorts (called with the lock held)."""
