@@ -53,7 +53,7 @@ class SourceReadError(ValueError):
     naming it."""
 
 
-_CHECKED_GGUF: dict[tuple[str, int, int], None] = {}
+_CHECKED_GGUF: set[tuple[str, int, int]] = set()  # files already parsed (path, size, mtime): parse each once
 
 
 def check_gguf(path: str) -> None:
@@ -72,7 +72,7 @@ def check_gguf(path: str) -> None:
         GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - the reader raises struct.error, ValueError, IndexError... on bad bytes
         raise SourceReadError(f"{path}: not a readable GGUF file, damaged or truncated ({first_line(e)})") from None
-    _CHECKED_GGUF[key] = None
+    _CHECKED_GGUF.add(key)
 
 
 def _gguf_kwargs(name: str) -> tuple[str, dict[str, Any]]:

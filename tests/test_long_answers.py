@@ -89,5 +89,6 @@ def test_long_answer_pipeline_on_a_tiny_local_source(fx, tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| system | slots right | unseen values | seen values | whole answers |" in report
     assert "(+ a source forward over every 3 answer tokens)" in report
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
     written = json.loads((tmp_path / "out" / "seed0" / "paragraphs.json").read_text())
     assert set(written) == set(cfg.systems) - {"source alone"} and all(len(v) == 4 for v in written.values())

@@ -120,6 +120,7 @@ def test_a_process_killed_at_a_random_moment_resumes_to_the_same_weights(fx, tmp
             step = read_json(state)["step"]
         except (FileNotFoundError, ValueError):  # not written yet, or being replaced right now
             pass
+        time.sleep(0.005)  # poll, without taking a core from the training process
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

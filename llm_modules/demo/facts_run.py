@@ -210,7 +210,8 @@ def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known:
     data = root / "data"
     for name, part in (("train", train), ("val", val)):
         atomic_write_text(data / f"{name}.jsonl", "".join(json.dumps(a.row()) + "\n" for a in part))
-    slots = [f for a in test for f in a.facts if f in known]  # only what the source states on its bare cue
+    pairs = [(a, f) for a in test for f in a.facts if f in known]  # only what the source states on its bare cue
+    slots = [f for _, f in pairs]
     targets = {normalise(f.answer) for a in train for f in a.facts}
     unseen = {f for f in slots if normalise(f.answer) not in targets}
     log(f"seed {seed}: long answers of {len(train)} train / {len(val)} validation / {len(test)} test entities; "
@@ -219,8 +220,7 @@ def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known:
     for name in cfg.systems:
         t = time.perf_counter()
         if name == SOURCE:  # what the source knows there: the paragraph given up to each slot
-            texts = complete(source_lm, tok, [a.question() + a.prefix(f) for a in test for f in a.facts if f in known],
-                             cfg.max_new_tokens)
+            texts = complete(source_lm, tok, [a.question() + a.prefix(f) for a, f in pairs], cfg.max_new_tokens)
             model, by_slot = source_lm, dict(zip(slots, texts))
         else:
             if (spec := module_spec(name, cfg)) is not None:
@@ -230,8 +230,8 @@ def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known:
                 model = train_small(cfg, tok, [a.row() for a in train], root / _slug(name), seed, name,
                                     teacher=source_lm if name == KD else None, epochs=cfg.long_epochs)
             paragraphs_out = complete(model, tok, [a.question() for a in test], cfg.long_max_new_tokens)
-            by_slot = {f: slot_text(text, f) for a, text in zip(test, paragraphs_out) for f in a.facts if f in known}
             written[name] = dict(zip([a.entity for a in test], paragraphs_out))
+            by_slot = {f: slot_text(written[name][a.entity], f) for a, f in pairs}
         got[name] = score(slots, [by_slot[f] for f in slots], unseen) | {"seconds": time.perf_counter() - t}
         got[name]["whole answers"] = answers_part(test, {f: states_answer(by_slot[f], f.answer) for f in slots})
         _costs(got[name], model)
@@ -281,9 +281,10 @@ def run_facts(cfg: FactsConfig, log: Log = print) -> dict[str, Any]:
     if len({f.entity for f in kept}) < 4:
         raise ValueError("the source states too few facts to split by entity (need facts about 4+ entities)")
     runs = {}
-    for seed in cfg.seeds if cfg.long_answers else ():
-        runs[seed] = run_long_seed(cfg, seed, facts, set(kept), source_ref, source_lm, tok, out, log)
-    for seed in () if cfg.long_answers else cfg.seeds:
+    for seed in cfg.seeds:
+        if cfg.long_answers:
+            runs[seed] = run_long_seed(cfg, seed, facts, set(kept), source_ref, source_lm, tok, out, log)
+            continue
         split = split_by_entity(kept, seed)
         log(f"seed {seed}: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test facts "
             f"({len(split.unseen)} test answers never a training target)")
@@ -293,7 +294,7 @@ def run_facts(cfg: FactsConfig, log: Log = print) -> dict[str, Any]:
     summary["table"] = aggregate(runs)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "report.md", facts_report(summary))
-    plot_facts(summary["table"], out / "accuracy.png", len(cfg.seeds))
+    plot_facts(summary["table"], out / "accuracy.png", len(cfg.seeds), cfg.long_answers)
     log(f"report: {out / 'report.md'}; total {summary['seconds']:.0f} s")
     return summary
 
@@ -322,15 +323,19 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def plot_facts(table: dict[str, dict[str, Any]], path: Path, n_seeds: int) -> None:
-    """Test EM on all test facts and on unseen answers per system: mean bars, min-max whiskers."""
+def plot_facts(table: dict[str, dict[str, Any]], path: Path, n_seeds: int, long: bool = False) -> None:
+    """Per system: test EM on all test facts and on unseen answers (long answers: slots right, values never trained
+    on, whole answers); mean bars, with min-max whiskers over several seeds."""
     from .plots import Series, plot_bars
 
     names = list(table)
-    series = [Series(label, [table[n][part]["mean"] for n in names], [table[n][part]["min"] for n in names],
-                     [table[n][part]["max"] for n in names])
-              for part, label in (("all", "all test facts"), ("unseen", "answers never trained on"))]
-    plot_bars(path, names, series, f"exact match (mean, min-max over {n_seeds} seed(s))")
+    parts = ((("all", "slots right"), ("unseen", "values never trained on"), ("whole answers", "whole answers"))
+             if long else (("all", "all test facts"), ("unseen", "answers never trained on")))
+    spread = n_seeds > 1
+    series = [Series(label, [table[n][part]["mean"] for n in names],
+                     [table[n][part]["min"] for n in names] if spread else None,
+                     [table[n][part]["max"] for n in names] if spread else None) for part, label in parts]
+    plot_bars(path, names, series, f"exact match (mean, min-max over {n_seeds} seeds)" if spread else "exact match")
 
 
 def _cell(c: dict[str, Any]) -> str:

@@ -115,8 +115,9 @@ class Trainer:
         self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
         self.say = self.log if self.main else (lambda s: None)
         if resume:
-            if self.main and recover_dir(self.last_dir):
-                self.say(f"{self.last_dir}: put back the checkpoint a kill left aside mid-save")
+            for folder in (self.last_dir, self.best_dir):  # either may have been mid-save when the run was killed
+                if self.main and recover_dir(folder):
+                    self.say(f"{folder}: put back the checkpoint a kill left aside mid-save")
             acc.wait_for_everyone()
         saved = read_trainer_state(self.last_dir) if resume else None
         if saved is not None:
