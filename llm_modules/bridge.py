@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masks import cross_attention_mask, read_limits
+from .masks import catch_up_limits, cross_attention_mask
 
 
 class CrossAttention(nn.Module):
@@ -179,10 +179,11 @@ class Bridge(nn.Module):
         residual = self.proj(p)
         return s + (residual if answer is None else residual.masked_fill(answer[..., None], 0.0))
 
-    def cross_mask(self, attention_mask: Tensor, answer_mask: Tensor | None = None, every: int = 0) -> Tensor:
-        """[B, 1, T, T]: the source positions each position reads (see `forward`; `every`: the source catches up
-        on each answer every that many tokens, `masks.read_limits`)."""
-        limit = read_limits(answer_mask, every) if answer_mask is not None else None
+    def cross_mask(self, attention_mask: Tensor, answer_mask: Tensor | None = None,
+                   catch_ups: Tensor | None = None) -> Tensor:
+        """[B, 1, T, T]: the source positions each position reads (see `forward`; `catch_ups`: the answer positions
+        where the source has read through, `masks.catch_up_limits`)."""
+        limit = catch_up_limits(answer_mask, catch_ups) if answer_mask is not None else None
         return cross_attention_mask(attention_mask, attention_mask.shape[1], causal=self.causal, key_limit=limit)
 
     def forward(self, source_states: Tensor, attention_mask: Tensor | None = None, answer_mask: Tensor | None = None,

@@ -82,7 +82,19 @@ def _load_module(args: argparse.Namespace):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module = LLMModule.from_pretrained(args.model, large_model=args.large, ignore_fingerprint=args.ignore_fingerprint,
                                        source_dtype=args.source_dtype)
+    set_source_entropy(module.config, args.source_entropy)
     return module.to(torch.device(device)).eval()
+
+
+def set_source_entropy(cfg, value: float | None) -> None:
+    """--source-entropy: the adaptive schedule's threshold for this run (a one-line error on other modules)."""
+    if value is None:
+        return
+    if not cfg.source_adaptive:
+        raise ValueError("--source-entropy: this module has no adaptive schedule (trained with source_adaptive 0)")
+    if value < 0:
+        raise ValueError(f"--source-entropy must be a number of nats >= 0, got {value}")
+    cfg.source_entropy = value
 
 
 def _gen_kwargs(args: argparse.Namespace, module, fmt: str) -> dict:
@@ -136,6 +148,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-fingerprint", action="store_true", help="attach a knowledge source that differs from the one trained with")
     p.add_argument("--source-dtype", choices=["float32", "bfloat16", "float16"], help="dtype to run the knowledge source in")
     p.add_argument("--device", default="auto", help="torch device (default auto: cuda if present, else cpu)")
+    p.add_argument("--source-entropy", type=float, metavar="NATS",
+                   help="adaptive modules (source_adaptive): the source catches up on the answer where the module's "
+                        "next-token entropy exceeds this (default: the module's source_entropy; higher: fewer reads)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

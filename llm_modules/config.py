@@ -113,6 +113,14 @@ class ModuleConfig:
     `answer_source_tokens`), reading the K tokens it has not read in one forward; answer tokens read its states up
     to its last catch-up (training masks them alike). 0 (default): never, pure fast mode. The source then costs one
     forward of K tokens per K answer tokens, where token conditioning costs K forwards of one."""
+    source_adaptive: float = 0.0
+    """Prompt conditioning, the adaptive schedule (llm_modules.schedule): decoding makes the source catch up on the
+    answer where the module is unsure of the next token (entropy over `source_entropy`); training draws catch-ups at
+    random, each answer token one with this probability, so the module learns both to read stale states and to use
+    fresh ones. 0 (default): off. Excludes `source_every`."""
+    source_entropy: float = 1.0
+    """The adaptive schedule's threshold in nats: a catch-up where the module's next-token entropy exceeds it (higher:
+    fewer source reads). Decoding can override it (`--source-entropy`)."""
     tie_answer_embeddings: bool | None = None
     """Prompt conditioning: the answer tokens' input embedding is the new head's weight (True) or a table of its
     own (False). None (default): tied, except with the knowledge path, whose head starts at zero: tied to it, every
@@ -162,6 +170,17 @@ class ModuleConfig:
         if self.source_every and self.conditioning != "prompt":
             raise ValueError(f"source_every {self.source_every} needs conditioning 'prompt' (under conditioning "
                              f"'{self.conditioning}' the source reads every answer token already)")
+        if isinstance(self.source_adaptive, bool) or not isinstance(self.source_adaptive, (int, float)) \
+                or not 0.0 <= self.source_adaptive < 1.0:
+            raise ValueError(f"source_adaptive must be a probability in [0, 1), got {self.source_adaptive!r}")
+        if self.source_adaptive and self.conditioning != "prompt":
+            raise ValueError(f"source_adaptive {self.source_adaptive} needs conditioning 'prompt' (under conditioning "
+                             f"'{self.conditioning}' the source reads every answer token already)")
+        if self.source_adaptive and self.source_every:
+            raise ValueError("source_adaptive and source_every are two schedules: set one of them")
+        if isinstance(self.source_entropy, bool) or not isinstance(self.source_entropy, (int, float)) \
+                or self.source_entropy < 0:
+            raise ValueError(f"source_entropy must be a number of nats >= 0, got {self.source_entropy!r}")
         if self.knowledge_path != "none" and self.source_layer != -1:
             raise ValueError(f"knowledge_path {self.knowledge_path!r} reads the source's final states: set source_layer to -1")
         if self.knowledge_path == "lookup" and self.attention != "causal":
@@ -212,7 +231,8 @@ class ModuleConfig:
 # Keys a recipe may set on the module (the rest are filled in by building and saving it).
 MODULE_KEYS = ("large_model", "small_model", "init_small", "source_layer", "num_layers", "num_heads", "adapter_dim",
                "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype", "knowledge_path", "lookup_top_k",
-               "conditioning", "answer_source_tokens", "source_every", "tie_answer_embeddings")
+               "conditioning", "answer_source_tokens", "source_every", "source_adaptive", "source_entropy",
+               "tie_answer_embeddings")
 PROMPT_KEYS = ("format", "system_prompt", "loss_on")
 
 

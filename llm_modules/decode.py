@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .schedule import unsure
+
 
 @dataclass
 class Session:
@@ -25,18 +27,40 @@ class Session:
 
 @torch.no_grad()
 def full_forward_logits(module: Any, ids: Tensor, mask: Tensor, prompt_len: int | None = None,
-                        prompt_answers: Tensor | None = None) -> Tensor:
+                        prompt_answers: Tensor | None = None, catch_ups: Tensor | None = None) -> Tensor:
     """Last-position logits from a full forward over everything so far (the reference's way: no caches).
 
     Tokens after `prompt_len` are the answer being generated (what prompt conditioning keeps from the source);
-    `prompt_answers` [B, prompt_len] marks earlier turns' answers inside the prompt.
+    `prompt_answers` [B, prompt_len] marks earlier turns' answers inside the prompt; `catch_ups` [B, T - prompt_len]
+    the generated positions where the adaptive schedule's source caught up.
     """
-    answer = None
-    if prompt_len is not None:
-        answer = (torch.arange(ids.shape[1], device=ids.device) >= prompt_len).long().expand_as(ids).clone()
-        if prompt_answers is not None:
-            answer[:, :prompt_len] = prompt_answers
-    return module(ids, mask, answer_mask=answer).logits[:, -1].float()
+    if prompt_len is None:
+        return module(ids, mask).logits[:, -1].float()
+    answer = (torch.arange(ids.shape[1], device=ids.device) >= prompt_len).long().expand_as(ids).clone()
+    if prompt_answers is not None:
+        answer[:, :prompt_len] = prompt_answers
+    extra = {}
+    if catch_ups is not None:
+        extra["catch_ups"] = torch.cat([torch.zeros_like(ids[:, :prompt_len], dtype=torch.bool), catch_ups], 1)
+    return module(ids, mask, answer_mask=answer, **extra).logits[:, -1].float()
+
+
+def _uncached_step(module: Any, ids: Tensor, mask: Tensor, prompt_len: int, answer_mask: Tensor | None,
+                   catch: Tensor | None, threshold: float | None, made: int) -> tuple[Tensor, Tensor | None]:
+    """Logits after the last of `ids` by full recomputation, applying the adaptive schedule as cached decoding does
+    (`incremental._adaptive_step`): where a row is unsure, again with the source caught up through its last token."""
+    if catch is None:  # no adaptive schedule
+        return full_forward_logits(module, ids, mask, prompt_len, answer_mask), None
+    catch = torch.cat([catch, catch.new_zeros(catch.shape[0], 1)], 1)
+    logits = full_forward_logits(module, ids, mask, prompt_len, answer_mask, catch)
+    if made <= module.config.answer_source_tokens:  # read by the source as prompt anyway
+        return logits, catch
+    rows = unsure(logits, threshold if threshold is not None else module.config.source_entropy)
+    if bool(rows.any()):
+        catch[:, -1] = rows
+        logits = torch.where(rows[:, None], full_forward_logits(module, ids, mask, prompt_len, answer_mask, catch),
+                             logits)
+    return logits, catch
 
 
 def process_logits(
@@ -123,12 +147,14 @@ def decode(
     truncate: str | None = None,
     answer_mask: Tensor | None = None,
     session: Session | None = None,
+    source_entropy: float | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield (next_tokens [B], raw logits [B, V], finished [B]) once per new token.
 
     Finished rows keep receiving `pad_token_id`. Stops when every row has finished.
     `answer_mask` [B, T] marks earlier turns' answers inside the prompt (see `data.encode_prompt`):
     prompt conditioning reads them as it was trained to. `session` carries the caches to the next turn.
+    `source_entropy` overrides the adaptive schedule's threshold (`ModuleConfig.source_entropy`).
     """
     tok = module.tokenizer
     if eos_token_id is None and tok is not None:
@@ -153,11 +179,15 @@ def decode(
         seen = input_ids
         texts = [""] * B
         ids, mask = input_ids, attention_mask.long()
-        state = None
+        state, catch = None, None
         if use_cache:
             logits, state = _first_step(module, input_ids, attention_mask, answer_mask, session)
+            if source_entropy is not None:
+                state.source_entropy = source_entropy
         else:
             logits = full_forward_logits(module, ids, mask, input_ids.shape[1], answer_mask)
+            if getattr(getattr(module, "config", None), "source_adaptive", 0):
+                catch = torch.zeros_like(ids[:, :0], dtype=torch.bool)
         for made in range(1, max_new_tokens + 1):
             scores = process_logits(logits, seen, temperature=temperature if do_sample else 1.0,
                                     top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
@@ -188,7 +218,8 @@ def decode(
             else:
                 ids = torch.cat([ids, nxt[:, None]], 1)
                 mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
-                logits = full_forward_logits(module, ids, mask, input_ids.shape[1], answer_mask)
+                logits, catch = _uncached_step(module, ids, mask, input_ids.shape[1], answer_mask, catch,
+                                               source_entropy, made)
     finally:
         module.train(was_training)
 

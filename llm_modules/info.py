@@ -64,6 +64,10 @@ def source_reads(cfg: ModuleConfig) -> str:
     k = cfg.source_every
     rest = (f"then one forward over every {k} answer tokens ({1 / k:.3g} forwards per answer token)" if k
             else "no answer token after that")
+    if cfg.source_adaptive:
+        rest = (f"then one forward over the unread answer tokens wherever the module's next-token entropy exceeds "
+                f"{cfg.source_entropy:g} nats (adaptive: how often depends on the text; trained with catch-ups at "
+                f"{cfg.source_adaptive:.0%} of answer tokens)")
     return f"source reads: the prompt in one forward; {first}{rest}"
 
 

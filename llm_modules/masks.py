@@ -73,19 +73,34 @@ def prompt_limits(answer_mask: Tensor) -> Tensor:
     return torch.where(answer_mask > 0, torch.full_like(idx, -1), idx).cummax(-1).values
 
 
-def read_limits(answer_mask: Tensor, every: int = 0) -> Tensor:
-    """[B, T]: the last source position each query may read under prompt conditioning, the source catching up on
-    each answer every `every` tokens (0: never, `prompt_limits`).
-
-    Answer token j (0-based in its answer) is read by the source, with the K - 1 before it, when j + 1 is a
-    multiple of K; a query there reads up to its answer's token K * floor((j + 1) / K) - 1, itself included.
-    """
-    limits = prompt_limits(answer_mask)
+def every_catch_ups(answer_mask: Tensor, every: int) -> Tensor:
+    """[B, T] bool: the answer positions where the source catches up when it does so every `every` answer tokens:
+    answer token j (0-based in its answer) when j + 1 is a multiple of `every` (none for 0)."""
+    answer = answer_mask > 0
     if every <= 0:
+        return torch.zeros_like(answer)
+    idx = torch.arange(answer_mask.shape[-1], device=answer_mask.device).expand_as(answer_mask)
+    j = idx - prompt_limits(answer_mask) - 1
+    return answer & ((j + 1) % every == 0)
+
+
+def catch_up_limits(answer_mask: Tensor, catch_ups: Tensor | None = None) -> Tensor:
+    """[B, T]: the last source position each query may read under prompt conditioning when the source has read
+    through the answer positions marked in `catch_ups` [B, T] (a catch-up at answer position t reads the answer's
+    unread tokens up to t, itself included). An answer position reads up to its answer's last catch-up at or
+    before it, else up to the prompt before its answer (`prompt_limits`)."""
+    limits = prompt_limits(answer_mask)
+    if catch_ups is None:
         return limits
     idx = torch.arange(answer_mask.shape[-1], device=answer_mask.device).expand_as(answer_mask)
-    caught = limits + torch.div(idx - limits, every, rounding_mode="floor") * every
-    return torch.where(answer_mask > 0, caught, limits)
+    caught = torch.where(catch_ups.bool() & (answer_mask > 0), idx, torch.full_like(idx, -1)).cummax(-1).values
+    return torch.maximum(limits, caught)  # a catch-up in an earlier answer is older than this answer's prompt
+
+
+def read_limits(answer_mask: Tensor, every: int = 0) -> Tensor:
+    """`catch_up_limits` when the source catches up every `every` answer tokens (0: never, `prompt_limits`): a query
+    at answer token j reads up to its answer's token K * floor((j + 1) / K) - 1, itself included."""
+    return catch_up_limits(answer_mask, every_catch_ups(answer_mask, every) if every > 0 else None)
 
 
 def turn_starts(answer_mask: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from .incremental import DecodeState
 from .knowledge import KnowledgeLookup, KnowledgePath, LookupMemory, distill_loss
 from .io import atomic_dir, read_safetensors
 from .loss import shifted_loss
+from .schedule import catch_ups_for
 from .masks import decoder_inputs, delay_answers, within_turn
 from .knowledge_source import KnowledgeSource, fingerprints_match, load_model_config, load_tokenizer
 
@@ -215,7 +216,7 @@ class LLMModule(nn.Module):
     def output_logits(self, hidden: Tensor, source_logits: Tensor | None = None, answer: Tensor | None = None,
                       lookup: tuple[LookupMemory, Tensor, Tensor] | None = None) -> Tensor:
         """The module's next-token logits: the new head, plus the knowledge path when there is one
-        (not at answer positions under prompt conditioning, where the source has not run), or the
+        (not at the `answer` positions, where under prompt conditioning the source has not read through), or the
         knowledge lookup: `lookup` = (memory, batch row [...], readable source positions [..., Ts]) for
         `hidden` [..., S]."""
         logits = self.generation.lm_head(hidden)
@@ -269,6 +270,7 @@ class LLMModule(nn.Module):
         distill_temperature: float = 1.0,
         answer_mask: Tensor | None = None,
         source_top: tuple[Tensor, Tensor] | None = None,
+        catch_ups: Tensor | None = None,
     ) -> ModuleOutput:
         """Logits [B, T, V] and, given labels, the mean shifted cross-entropy (ignore_index -100).
 
@@ -282,6 +284,8 @@ class LLMModule(nn.Module):
         `answer_mask` [B, T] (1 inside assistant answers) is read under prompt conditioning only.
         `source_top` (ids, probs) [B, T, k]: the knowledge lookup's tables from the feature cache (else the source's
         head computes them).
+        `catch_ups` [B, T] (prompt conditioning): the answer positions where the source has read through (what decoding
+        recorded, `llm_modules.schedule`); None: the module's schedule (adaptive catch-ups drawn at random).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -296,8 +300,9 @@ class LLMModule(nn.Module):
         if source_states is None:
             source_states = self._source_states(input_ids, attention_mask)
         answer = self.prompt_answers(answer_mask)
-        xmask = self.bridge.cross_mask(attention_mask, None if answer is None else answer.long(),
-                                       self.config.source_every)
+        catch = catch_ups_for(self.config, answer, catch_ups, self.training)
+        xmask = self.bridge.cross_mask(attention_mask, None if answer is None else answer.long(), catch)
+        stale = answer if catch is None else answer & ~catch  # answer positions the source has not read through
         if answer is None:
             embeds = self.bridge(source_states, attention_mask, mask=xmask)
         else:
@@ -308,12 +313,12 @@ class LLMModule(nn.Module):
         if labels is not None and not return_logits and not distill_weight:
             # Training: logits only where there is a target (answers only, with assistant-only labels).
             out = ModuleOutput()
-            out.loss, out.num_tokens = self._target_loss(hidden, source_states, labels, loss_chunk_size, answer, lookup)
+            out.loss, out.num_tokens = self._target_loss(hidden, source_states, labels, loss_chunk_size, stale, lookup)
             return out
         src_logits = None
         if self.knowledge is not None or distill_weight:
             src_logits = self.source_logits(source_states)
-        out = ModuleOutput(logits=self.output_logits(hidden, src_logits, answer, lookup))
+        out = ModuleOutput(logits=self.output_logits(hidden, src_logits, stale, lookup))
         if labels is not None:
             out.loss, out.num_tokens = shifted_loss(labels, logits=out.logits)
             if distill_weight:

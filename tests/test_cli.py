@@ -58,6 +58,9 @@ def test_errors_are_one_line(trained, tmp_path, capsys):
     long = "sum " * 400
     assert main(["generate", "--model", str(model), long]) == 2
     assert "exceeds the context limit" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model), "x", "--source-entropy", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("llm-modules generate: error: --source-entropy: this module has no "
+                                               "adaptive schedule (trained with source_adaptive 0)")
 
 
 def test_damaged_or_misplaced_modules_are_one_line(trained, tmp_path, capsys):

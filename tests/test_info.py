@@ -58,3 +58,7 @@ def test_source_reads_per_schedule():
     assert reads(conditioning="prompt", answer_source_tokens=1, source_every=4) == (
         "source reads: the prompt in one forward; the first 1 answer token(s) one forward each; then one forward "
         "over every 4 answer tokens (0.25 forwards per answer token)")
+    assert reads(conditioning="prompt", source_adaptive=0.25, source_entropy=1.5) == (
+        "source reads: the prompt in one forward; then one forward over the unread answer tokens wherever the "
+        "module's next-token entropy exceeds 1.5 nats (adaptive: how often depends on the text; trained with "
+        "catch-ups at 25% of answer tokens)")
