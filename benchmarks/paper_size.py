@@ -6,8 +6,10 @@ the paper tokenizer's 151,646 entries. Measures, through the project's own Train
     seconds per step and peak memory;
   - cached generation: prefill of a PROMPT-token prompt, then 32 new tokens: seconds per token, for the paper's
     token conditioning, for prompt conditioning (fast mode; with and without the knowledge lookup) and for fast
-    mode whose source catches up on the answer every K tokens (`source_every`, K in --source-every), on the same
-    source, beside the source alone through transformers' `generate`.
+    mode whose source catches up on the answer every K tokens (`source_every`, K in --source-every) or adaptively
+    (`source_adaptive`: each step without the source first, taken back and redone with it where the module is
+    unsure; here the unsure steps are drawn at the rates in --adaptive-rate, since a random-init module's entropy
+    says nothing), on the same source, beside the source alone through transformers' `generate`.
 
     python benchmarks/paper_size.py                 # CPU (2 cores: about 10 minutes)
     python benchmarks/paper_size.py --skip-train --generation-dtype bfloat16   # generation only, all in bf16
@@ -152,6 +154,27 @@ def generation(module: LLMModule, device: str, prompt: int, new: int) -> tuple[f
     return prefill, (total - prefill) / new, mem.gib
 
 
+def adaptive_generation(module: LLMModule, device: str, prompt: int, new: int, rate: float) -> tuple[float, float, float]:
+    """`generation` for the adaptive schedule, the source catching up on a seeded random `rate` of the answer tokens
+    (the module's `step` loop, greedy, as `decode` runs it): (prefill seconds, seconds per new token, peak memory)."""
+    module.eval()
+    ids = torch.randint(10, PAPER_TOKENIZER_LEN, (1, prompt), generator=torch.Generator().manual_seed(2)).to(device)
+    draws = torch.Generator().manual_seed(0)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    with ctx, PeakMemory(device) as mem, torch.no_grad():
+        t = time.perf_counter()
+        logits, state = module.step(ids)
+        prefill = time.perf_counter() - t
+        state.wants_source = lambda lg: (torch.rand(lg.shape[0], generator=draws) < rate).to(lg.device)
+        t = time.perf_counter()
+        for _ in range(new - 1):  # as `decode`: the last new token is not fed
+            logits, state = module.step(logits.argmax(-1)[:, None], state)
+        total = time.perf_counter() - t
+    caught = int(state.catch_ups.sum())
+    assert state.length == prompt + new - 1 and 0 <= caught <= new
+    return prefill, total / new, mem.gib
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -164,6 +187,9 @@ def main() -> None:
                     help="dtype of the trained parts while generating (the source is bf16 throughout)")
     ap.add_argument("--source-every", type=int, nargs="*", default=[2, 4, 8, 16],
                     help="catch-up intervals K to time (fast mode with the lookup, source_every K)")
+    ap.add_argument("--adaptive-rate", type=float, nargs="*", default=[0.1, 0.2, 0.3],
+                    help="adaptive schedule: fractions of answer tokens where the source catches up (fast mode with the "
+                         "lookup, source_adaptive)")
     args = ap.parse_args()
     quiet()
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -189,14 +215,21 @@ def main() -> None:
     for k in args.source_every:
         modules[f"+ lookup, source every {k} answer tokens"] = module_on(
             large, args.device, conditioning="prompt", knowledge_path="lookup", source_every=k)
-    for m in modules.values():
+    adaptive = module_on(large, args.device, conditioning="prompt", knowledge_path="lookup", source_adaptive=0.25)
+    for m in (*modules.values(), adaptive):
         m.bridge.to(dtype), m.generation.to(dtype)
         if m.lookup is not None:
             m.lookup.to(dtype)
     # Three rounds, the sides alternating so drift on a shared machine hits them alike; each side's best round.
-    rounds = [({name: generation(m, args.device, args.prompt, args.new) for name, m in modules.items()},
-               source_alone(large, args.device, args.prompt, args.new)) for _ in range(3)]
-    best = {name: min((r[0][name] for r in rounds), key=lambda x: x[1]) for name in modules}
+    def one_round() -> dict[str, tuple[float, float, float]]:
+        got = {name: generation(m, args.device, args.prompt, args.new) for name, m in modules.items()}
+        for rate in args.adaptive_rate:
+            got[f"+ lookup, adaptive, the source catching up on {rate:.0%} of answer tokens"] = adaptive_generation(
+                adaptive, args.device, args.prompt, args.new, rate)
+        return got
+
+    rounds = [(one_round(), source_alone(large, args.device, args.prompt, args.new)) for _ in range(3)]
+    best = {name: min((r[0][name] for r in rounds), key=lambda x: x[1]) for name in rounds[0][0]}
     alone = min(r[1] for r in rounds)
     print(f"trained parts in {args.generation_dtype} while generating; best of 3 rounds; prompt {args.prompt} tokens, "
           f"{args.new} new tokens")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masks import catch_up_limits, cross_attention_mask
+from .masks import cross_attention_mask, prompt_limits
 
 
 class CrossAttention(nn.Module):
@@ -179,11 +179,9 @@ class Bridge(nn.Module):
         residual = self.proj(p)
         return s + (residual if answer is None else residual.masked_fill(answer[..., None], 0.0))
 
-    def cross_mask(self, attention_mask: Tensor, answer_mask: Tensor | None = None,
-                   catch_ups: Tensor | None = None) -> Tensor:
-        """[B, 1, T, T]: the source positions each position reads (see `forward`; `catch_ups`: the answer positions
-        where the source has read through, `masks.catch_up_limits`)."""
-        limit = catch_up_limits(answer_mask, catch_ups) if answer_mask is not None else None
+    def cross_mask(self, attention_mask: Tensor, answer_mask: Tensor | None = None) -> Tensor:
+        """[B, 1, T, T]: the source positions each position reads (see `forward`)."""
+        limit = prompt_limits(answer_mask) if answer_mask is not None else None
         return cross_attention_mask(attention_mask, attention_mask.shape[1], causal=self.causal, key_limit=limit)
 
     def forward(self, source_states: Tensor, attention_mask: Tensor | None = None, answer_mask: Tensor | None = None,

@@ -243,7 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         if args.long_answers:
             from .demo.facts_run import long_systems
 
-            cfg.long_answers, cfg.systems = True, long_systems(cfg.long_every)
+            cfg.long_answers, cfg.systems = True, long_systems(cfg.long_every, cfg.long_adaptive)
         if args.ablation:
             cfg.systems = (*cfg.systems[:2], *ABLATION, *cfg.systems[2:])
         if args.threads:
@@ -295,7 +295,9 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--long-answers", action="store_true",
                    help="facts world: one paragraph per entity with four facts in the middle ('Tell me about "
                         "Cyprus.'), scored per slot and per answer; token conditioning, fast mode, fast mode with the "
-                        "source catching up every 4 and 8 tokens, the small model, distillation, the source")
+                        "source catching up every 4 and 8 tokens and adaptively (one module decoded at entropy "
+                        "thresholds 3, 4 and 5 nats), the small model, distillation, the source; each module's "
+                        "source forwards per answer token measured")
     p.add_argument("--source-every", type=int, default=0,
                    help="facts world: the prompt-conditioned module's source catches up on the answer every K answer "
                         "tokens (source_every; default 0: never)")

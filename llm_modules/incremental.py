@@ -7,7 +7,8 @@ the last one, equal to `LLMModule.forward` over the whole text so far.
 
 Under prompt conditioning the source reads the prompt and the first `answer_source_tokens` answer tokens; later
 answer tokens reach the trunk alone (`_answer_step`: no source step), except at the schedule's catch-ups
-(llm_modules.schedule), where the source reads every answer token it has not read in one forward (`_read`): with
+(llm_modules.schedule), where the source reads every answer token it has not read in one forward (`_read`) and the
+catch-up position is read as a prompt position is (its trunk input comes from the source's state there): with
 `source_every` K at the K-th unread one; with `source_adaptive` where the step without the source leaves the module
 unsure (`_adaptive_step`: that step is taken back and done again with the source). In a batch the source catches up
 for every row when one row needs it (one forward), and each row reads only up to its own catch-ups, so each row's
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .knowledge import LookupMemory
-from .masks import catch_up_limits, cross_attention_mask, every_catch_ups, position_ids_from_mask, within_turn
+from .masks import cross_attention_mask, every_catch_ups, position_ids_from_mask, prompt_limits, within_turn
 from .schedule import unsure
 
 
@@ -138,13 +139,12 @@ def _read(module: Any, new_ids: Tensor, new_attention: Tensor, new_answer: Tenso
         kvs = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(state.bridge_kv, kvs)]
     state.bridge_kv, state.source_mask = kvs, source_mask
     marked = module.prompt_answers(state.answer_mask)  # None in token conditioning
-    stale = None
     if marked is not None:
         _mark_catch_ups(module, state, marked, n, catch)
-        stale = marked[:, -1] & ~state.catch_ups[:, -1]  # the knowledge path adds nothing where the source is behind
+        marked = marked & ~state.catch_ups  # a catch-up position is read as prompt is
     if marked is not None and bool(marked[:, -n:].any()):
-        limits = catch_up_limits(marked.long(), state.catch_ups)
-        xmask = cross_attention_mask(source_mask, n, causal=True, past_len=past, key_limit=limits[:, -n:])
+        xmask = cross_attention_mask(source_mask, n, causal=True, past_len=past,
+                                     key_limit=prompt_limits(marked.long())[:, -n:])
         embeds = module.bridge.stream(p[:, -n:], kvs, xmask, module.answer_embeddings(new_ids), marked[:, -n:])
     else:
         xmask = cross_attention_mask(source_mask, n, causal=True, past_len=past)
@@ -153,6 +153,8 @@ def _read(module: Any, new_ids: Tensor, new_attention: Tensor, new_answer: Tenso
                                                   position_ids_from_mask(state.attention_mask)[:, -n:],
                                                   cache=state.trunk_cache, use_cache=True)
     src_logits = module.source_logits(h[:, -1]) if module.knowledge is not None else None
+    # As in training, the knowledge path adds nothing where the source has not read through (an answer position).
+    stale = marked[:, -1] if marked is not None else None
     return module.output_logits(hidden[:, -1], src_logits, stale,
                                 lookup=_lookup(module, h, xmask, state)).float(), state
 
@@ -172,7 +174,7 @@ def _answer_step(module: Any, new_ids: Tensor, state: DecodeState) -> tuple[Tens
     ones = torch.ones_like(new_ids)
     state.append(new_ids, ones, ones)
     n = new_ids.shape[1]
-    limits = catch_up_limits(module.prompt_answers(state.answer_mask).long(), state.catch_ups)[:, -n:]
+    limits = prompt_limits((module.prompt_answers(state.answer_mask) & ~state.catch_ups).long())[:, -n:]
     xmask = cross_attention_mask(state.source_mask, n, causal=False, key_limit=limits)
     embeds = module.bridge.stream(None, state.bridge_kv, xmask, module.answer_embeddings(new_ids))
     hidden, state.trunk_cache = module.generation(embeds, state.attention_mask,

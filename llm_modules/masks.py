@@ -75,32 +75,14 @@ def prompt_limits(answer_mask: Tensor) -> Tensor:
 
 def every_catch_ups(answer_mask: Tensor, every: int) -> Tensor:
     """[B, T] bool: the answer positions where the source catches up when it does so every `every` answer tokens:
-    answer token j (0-based in its answer) when j + 1 is a multiple of `every` (none for 0)."""
+    answer token j (0-based in its answer) when j + 1 is a multiple of `every` (none for 0). A catch-up position is
+    then read as prompt is (`llm_modules.schedule`): `prompt_limits(answer & ~catch_ups)` gives what each reads."""
     answer = answer_mask > 0
     if every <= 0:
         return torch.zeros_like(answer)
     idx = torch.arange(answer_mask.shape[-1], device=answer_mask.device).expand_as(answer_mask)
     j = idx - prompt_limits(answer_mask) - 1
     return answer & ((j + 1) % every == 0)
-
-
-def catch_up_limits(answer_mask: Tensor, catch_ups: Tensor | None = None) -> Tensor:
-    """[B, T]: the last source position each query may read under prompt conditioning when the source has read
-    through the answer positions marked in `catch_ups` [B, T] (a catch-up at answer position t reads the answer's
-    unread tokens up to t, itself included). An answer position reads up to its answer's last catch-up at or
-    before it, else up to the prompt before its answer (`prompt_limits`)."""
-    limits = prompt_limits(answer_mask)
-    if catch_ups is None:
-        return limits
-    idx = torch.arange(answer_mask.shape[-1], device=answer_mask.device).expand_as(answer_mask)
-    caught = torch.where(catch_ups.bool() & (answer_mask > 0), idx, torch.full_like(idx, -1)).cummax(-1).values
-    return torch.maximum(limits, caught)  # a catch-up in an earlier answer is older than this answer's prompt
-
-
-def read_limits(answer_mask: Tensor, every: int = 0) -> Tensor:
-    """`catch_up_limits` when the source catches up every `every` answer tokens (0: never, `prompt_limits`): a query
-    at answer token j reads up to its answer's token K * floor((j + 1) / K) - 1, itself included."""
-    return catch_up_limits(answer_mask, every_catch_ups(answer_mask, every) if every > 0 else None)
 
 
 def turn_starts(answer_mask: Tensor) -> Tensor:

@@ -301,8 +301,9 @@ class LLMModule(nn.Module):
             source_states = self._source_states(input_ids, attention_mask)
         answer = self.prompt_answers(answer_mask)
         catch = catch_ups_for(self.config, answer, catch_ups, self.training)
-        xmask = self.bridge.cross_mask(attention_mask, None if answer is None else answer.long(), catch)
-        stale = answer if catch is None else answer & ~catch  # answer positions the source has not read through
+        if catch is not None:
+            answer = answer & ~catch  # where the source caught up, the position is read as prompt is
+        xmask = self.bridge.cross_mask(attention_mask, None if answer is None else answer.long())
         if answer is None:
             embeds = self.bridge(source_states, attention_mask, mask=xmask)
         else:
@@ -313,12 +314,12 @@ class LLMModule(nn.Module):
         if labels is not None and not return_logits and not distill_weight:
             # Training: logits only where there is a target (answers only, with assistant-only labels).
             out = ModuleOutput()
-            out.loss, out.num_tokens = self._target_loss(hidden, source_states, labels, loss_chunk_size, stale, lookup)
+            out.loss, out.num_tokens = self._target_loss(hidden, source_states, labels, loss_chunk_size, answer, lookup)
             return out
         src_logits = None
         if self.knowledge is not None or distill_weight:
             src_logits = self.source_logits(source_states)
-        out = ModuleOutput(logits=self.output_logits(hidden, src_logits, stale, lookup))
+        out = ModuleOutput(logits=self.output_logits(hidden, src_logits, answer, lookup))
         if labels is not None:
             out.loss, out.num_tokens = shifted_loss(labels, logits=out.logits)
             if distill_weight:

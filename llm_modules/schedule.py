@@ -2,9 +2,11 @@
 
 Under prompt conditioning the source reads the prompt (and the first `answer_source_tokens` answer tokens); the
 rest of the answer reaches it only at *catch-ups*, where it reads every answer token it has not read yet in one
-forward. A catch-up at answer position t gives t what token conditioning gives it: the bridge reads the source
-through t, the knowledge path adds the source's own prediction there, the lookup reads its top-k there. The other
-answer positions read the source up to their answer's last catch-up (`masks.catch_up_limits`).
+forward. A catch-up position t is then read as a prompt position is, which is what token conditioning gives every
+position: the trunk's input there comes from the source's state at t (not the token's own embedding), the bridge
+reads the source through t, the knowledge path adds the source's own prediction there, the lookup reads its top-k
+there. The answer positions after it read the source up to it (`masks.prompt_limits` of the answer mask without
+the catch-ups), until the next one.
 
 Schedules (ModuleConfig):
 - none: the source never reads the answer (pure fast mode);

@@ -85,12 +85,15 @@ def write_tiny_recipe(fx, folder, rows: int = 40, data_seed: int = 5, adapter_di
 
 @pytest.fixture(scope="session")
 def served_modules(fx, tmp_path_factory):
-    """{name: folder} of saved tiny modules for the server: two on one source (token and prompt
-    conditioning), one on another source (fast mode with the knowledge lookup, which reads the source's head)."""
+    """{name: folder} of saved tiny modules for the server: three on one source (token and prompt conditioning, and
+    prompt conditioning with the adaptive schedule, at a threshold where these random weights catch up now and then),
+    one on another source (fast mode with the knowledge lookup, which reads the source's head)."""
     root = tmp_path_factory.mktemp("served")
     out = {}
     for name, large, kw in (("alpha", "large_qwen2", {}), ("beta", "large_qwen2", {"conditioning": "prompt"}),
-                            ("gamma", "large_llama", {"conditioning": "prompt", "knowledge_path": "lookup"})):
+                            ("gamma", "large_llama", {"conditioning": "prompt", "knowledge_path": "lookup"}),
+                            ("delta", "large_qwen2", {"conditioning": "prompt", "source_adaptive": 0.25,
+                                                      "source_entropy": 0.03})):
         torch.manual_seed(len(out))
         m = LLMModule.build(fx[large], fx["small_gpt_neo"], source_dtype="float32",
                             prompt={"format": "paper", "system_prompt": "Be brief."}, **kw)

@@ -21,18 +21,6 @@ def test_prompt_limits():
     assert prompt_limits(a).tolist() == [[0, 1, 1, 1, 4, 4, 4]]
 
 
-def test_read_limits_catch_up_every_k_answer_tokens():
-    from llm_modules.masks import read_limits
-
-    a = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 1, 1, 1]])  # prompt 0-1, answer 2-6, prompt 7, answer 8-10
-    assert read_limits(a, 0).tolist() == prompt_limits(a).tolist()
-    # K = 2: answer tokens 2, 3 read up to 1, then 3 (the source read 2-3 with 3), 4 -> 3, 5 -> 5, 6 -> 5; the
-    # second answer starts afresh from its prompt (7).
-    assert read_limits(a, 2).tolist() == [[0, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9]]
-    assert read_limits(a, 1).tolist() == [list(range(11))]  # every token: token conditioning's reach
-    assert read_limits(a, 3).tolist() == [[0, 1, 1, 1, 4, 4, 4, 7, 7, 7, 10]]
-
-
 def test_source_every_is_validated_and_saved(build, tmp_path):
     from llm_modules.config import ModuleConfig
 

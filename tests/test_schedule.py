@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llm_modules.decode import Session
-from llm_modules.masks import catch_up_limits, every_catch_ups
+from llm_modules.masks import every_catch_ups, prompt_limits
 from llm_modules.schedule import catch_ups_for, draw_catch_ups, entropy, unsure
 
 from conftest import run_decode
@@ -14,14 +14,15 @@ from conftest import run_decode
 ANSWERS = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1]])
 
 
-def test_catch_up_limits_read_each_answer_up_to_its_last_catch_up():
+def test_answer_positions_read_up_to_their_answer_s_last_catch_up():
+    """A catch-up position is read as prompt is: it reads through itself, the answer tokens after it up to it."""
     catch = torch.zeros_like(ANSWERS, dtype=torch.bool)
     catch[0, [3, 9]] = True
-    assert catch_up_limits(ANSWERS, catch).tolist() == [[0, 1, 1, 3, 3, 3, 6, 7, 7, 9, 9]]
-    assert catch_up_limits(ANSWERS).tolist() == [[0, 1, 1, 1, 1, 1, 6, 7, 7, 7, 7]]  # none: the prompt only
-    catch[0, 1] = True  # a mark outside an answer means nothing
-    assert catch_up_limits(ANSWERS, catch).tolist() == [[0, 1, 1, 3, 3, 3, 6, 7, 7, 9, 9]]
+    assert prompt_limits(ANSWERS * ~catch).tolist() == [[0, 1, 1, 3, 3, 3, 6, 7, 7, 9, 9]]
+    assert prompt_limits(ANSWERS).tolist() == [[0, 1, 1, 1, 1, 1, 6, 7, 7, 7, 7]]  # none: the prompt only
     assert every_catch_ups(ANSWERS, 2).nonzero()[:, 1].tolist() == [3, 5, 9]  # each answer counted from its start
+    assert every_catch_ups(ANSWERS, 3).nonzero()[:, 1].tolist() == [4, 10]
+    assert every_catch_ups(ANSWERS, 1).tolist() == ANSWERS.bool().tolist()  # every token: token conditioning's reach
 
 
 def test_drawn_catch_ups_follow_the_rate_and_stay_inside_answers():

@@ -17,7 +17,7 @@ MSGS = [{"role": "user", "content": "sum of 5 and 5"}]
 
 @pytest.fixture(scope="module")
 def server(served_modules):
-    s = Server(ServeConfig(models=[(n, served_modules[n]) for n in ("alpha", "beta")], max_answer_tokens=64),
+    s = Server(ServeConfig(models=[(n, served_modules[n]) for n in ("alpha", "beta", "delta")], max_answer_tokens=64),
                log=lambda s: None).load()
     assert s.state == "ready", s.error
     yield s
@@ -62,7 +62,7 @@ def test_health_says_loading_then_ready(served_modules, server):
     r = call(loading, "POST", "/v1/chat/completions", {"model": "alpha", "messages": MSGS})
     assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
     r = call(server, "GET", "/health")
-    assert r.status_code == 200 and r.json()["models"] == ["alpha", "beta"]
+    assert r.status_code == 200 and r.json()["models"] == ["alpha", "beta", "delta"]
 
 
 def test_models_share_one_source_per_fingerprint(served_modules):
@@ -74,6 +74,8 @@ def test_models_share_one_source_per_fingerprint(served_modules):
         assert a is b and a is not g
         cards = {m["id"]: m for m in call(s, "GET", "/v1/models").json()["data"]}
         assert cards["alpha"]["parent"] == cards["beta"]["parent"] != cards["gamma"]["parent"]
+        # Clients see each source's folder name, never where it lies on the server's disk.
+        assert cards["alpha"]["parent"] == cards["alpha"]["root"] == "large_qwen2" and "/" not in cards["gamma"]["root"]
         assert cards["beta"]["conditioning"] == "prompt" and cards["alpha"]["object"] == "model"
         # gamma (knowledge lookup) got its source's head; alpha and beta's source was loaded without one.
         assert reg.modules["gamma"].module.source.head is not None and reg.modules["alpha"].module.source.head is None
@@ -167,9 +169,31 @@ def test_errors_have_openais_shape(server, body, status, param, code):
     assert err["param"] == param and err["code"] == code
 
 
-def test_malformed_json_is_a_400(server):
-    r = call(server, "POST", "/v1/chat/completions", raw=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+@pytest.mark.parametrize("raw", [
+    b"{not json",
+    b'{"model": "alpha", "messages": [{"role": "user", "content": "\xff\xfe"}]}',  # invalid UTF-8 in a string
+    b'{"model": "alpha", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # deeper than the parser recurses
+])
+def test_bodies_the_parser_rejects_are_400s_in_openais_shape(server, raw):
+    r = call(server, "POST", "/v1/chat/completions", raw=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+
+
+def test_unknown_routes_and_methods_answer_in_openais_shape(server):
+    for method, path, status in (("GET", "/v1/nothing", 404), ("DELETE", "/v1/chat/completions", 405)):
+        r = call(server, method, path)
+        assert r.status_code == status and r.json()["error"]["message"], r.text
+
+
+def test_clients_see_the_source_s_name_not_its_path():
+    from llm_modules.serving.registry import display_name
+
+    assert display_name("Qwen/Qwen2-1.5B") == "Qwen/Qwen2-1.5B"  # a hub id
+    assert display_name("/srv/models/SmolLM2-135M-Instruct/") == "SmolLM2-135M-Instruct"
+    assert display_name("/srv/gguf::SmolLM2.Q4_1.gguf") == "SmolLM2.Q4_1.gguf"
+    assert display_name("./weights/model.gguf") == "model.gguf"
 
 
 def test_too_many_requests_and_api_key(served_modules, server):
@@ -213,11 +237,24 @@ def batch_of(server):
     server.engine.batch_window, server.engine.max_batch = saved
 
 
-@pytest.mark.parametrize("name", ["alpha", "beta"])  # token and prompt conditioning
+@pytest.mark.parametrize("name", ["alpha", "beta", "delta"])  # token and prompt conditioning, the adaptive schedule
 def test_concurrent_requests_share_a_batch_and_keep_their_answers(server, batch_of, name):
-    bodies = [{"model": name, "messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 8}
+    bodies = [{"model": name, "messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 24}
               for q in ("sum of 5 and 5", "The city of the river was founded in", "hello")]
-    alone = [call(server, "POST", "/v1/chat/completions", b).json()["choices"][0]["message"]["content"] for b in bodies]
+    source = server.registry.get(name).module.source
+    real, calls = source.forward, []
+    source.forward = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    alone = []
+    try:
+        for b in bodies:
+            calls.clear()
+            alone.append(call(server, "POST", "/v1/chat/completions", b).json()["choices"][0]["message"]["content"])
+            alone.append(len(calls))
+    finally:
+        source.forward = real
+    alone, reads = alone[::2], alone[1::2]
+    if name == "delta":  # each request alone catches up at its own steps: in the batch, rows catch up apart
+        assert len(set(reads)) > 1 and max(reads) > 1, reads
     server.engine.max_rows = 0
     batch_of(3)
 

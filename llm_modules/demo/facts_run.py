@@ -23,7 +23,7 @@ from ..training.recipe import TrainConfig
 from ..training.trainer import Trainer
 from .facts import (FactSplit, RealFact, complete, load_facts, normalise, probe_source, score, split_by_entity,
                     states_answer, wilson)
-from .long_answers import SENTENCES, answers_part, long_answers, slot_text
+from .long_answers import SENTENCES, answers_part, long_answers, slot_text, write_paragraphs
 from .run import fit_causal_lm
 
 Log = Callable[[str], None]
@@ -73,6 +73,14 @@ class FactsConfig:
     """Long answers with facts in the middle (llm_modules.demo.long_answers) instead of one fact per answer: the
     systems are LONG_SYSTEMS plus fast mode catching up every K tokens for K in `long_every`."""
     long_every: tuple[int, ...] = (4, 8)
+    long_adaptive: tuple[float, ...] = (3.0, 4.0, 5.0)
+    """Long answers: fast mode with the adaptive schedule (ModuleConfig.source_adaptive), one module decoded at each
+    of these entropy thresholds (nats)."""
+    adaptive_rate: float = 0.25
+    """The adaptive module's training catch-up rate (ModuleConfig.source_adaptive)."""
+    adaptive_knowledge: str = "lookup"
+    """The adaptive module's knowledge path: `logits` adds the source's own prediction where it caught up (what token
+    conditioning adds everywhere); `lookup` attends over every position read for it."""
     long_epochs: int = 40
     long_max_new_tokens: int = 72
 
@@ -85,21 +93,38 @@ def every_name(k: int) -> str:
     return f"{MODULE_FAST}, source every {k} answer tokens"
 
 
-def long_systems(every: Sequence[int]) -> tuple[str, ...]:
-    """The long-answer systems: token conditioning, fast mode, fast mode catching up every K, the baselines."""
-    return (*LONG_SYSTEMS[:2], *(every_name(k) for k in every), *LONG_SYSTEMS[2:])
+def adaptive_name(nats: float) -> str:
+    return f"LLM Module, prompt conditioning, adaptive source reads (entropy over {nats:g} nats)"
 
 
-def module_spec(name: str, cfg: "FactsConfig") -> tuple[str, float, str, int] | None:
-    """(knowledge path, distillation weight, conditioning, source_every) of a module system, None for the others."""
+ADAPTIVE_RUN = "adaptive"  # the folder of the one adaptive module every threshold decodes
+
+
+def long_systems(every: Sequence[int], adaptive: Sequence[float] = ()) -> tuple[str, ...]:
+    """The long-answer systems: token conditioning, fast mode, fast mode catching up every K and adaptively, the
+    baselines."""
+    return (*LONG_SYSTEMS[:2], *(every_name(k) for k in every), *(adaptive_name(t) for t in adaptive),
+            *LONG_SYSTEMS[2:])
+
+
+def module_spec(name: str, cfg: "FactsConfig") -> tuple[str, float, str, int, float] | None:
+    """(knowledge path, distillation weight, conditioning, source_every, source_adaptive) of a module system, None
+    for the others."""
     for k in cfg.long_every:
         if name == every_name(k):
-            return "lookup", cfg.distill_weight, "prompt", k
+            return "lookup", cfg.distill_weight, "prompt", k, 0.0
+    if any(name == adaptive_name(t) for t in cfg.long_adaptive):
+        return cfg.adaptive_knowledge, cfg.distill_weight, "prompt", 0, cfg.adaptive_rate
     if name not in MODULES:
         return None
     knowledge, distill, conditioning = MODULES[name]
     return (knowledge, cfg.distill_weight if distill is None else distill, conditioning,
-            cfg.source_every if conditioning == "prompt" else 0)
+            cfg.source_every if conditioning == "prompt" else 0, 0.0)
+
+
+def threshold_of(name: str, cfg: "FactsConfig") -> float | None:
+    """The entropy threshold an adaptive system decodes at (None for the others)."""
+    return next((t for t in cfg.long_adaptive if name == adaptive_name(t)), None)
 
 
 def _rows_file(path: Path, facts: Sequence[RealFact]) -> str:
@@ -122,7 +147,8 @@ def _small_config_dir(cfg: FactsConfig, out: Path) -> str:
 
 
 def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Path, seed: int, knowledge: str,
-                 distill: float, conditioning: str = "token", every: int = 0, epochs: int | None = None) -> LLMModule:
+                 distill: float, conditioning: str = "token", every: int = 0, adaptive: float = 0.0,
+                 epochs: int | None = None) -> LLMModule:
     """One LLM Module on the split's training facts, best checkpoint on the validation entities."""
     recipe = dict(large_model=source, small_model=small, init_small="scratch", source_dtype=cfg.source_dtype,
                   num_heads=4, adapter_dim=64, dropout=0.0, format="plain", data=str(data / "train.jsonl"),
@@ -134,9 +160,9 @@ def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Pat
                   cache_dir=str(data.parent.parent / ("features-lookup" if knowledge == "lookup" else "features")))
     recipe.update(knowledge_path=knowledge, distill_weight=distill, conditioning=conditioning,
                   answer_source_tokens=cfg.answer_source_tokens if conditioning == "prompt" else 0,
-                  source_every=every)
+                  source_every=every, source_adaptive=adaptive)
     desc = (("paper" if knowledge == "none" else knowledge) + ("+kd" if distill else "") + f" {conditioning}"
-            + (f"/{every}" if every else "") + f" s{seed}")
+            + (f"/{every}" if every else "") + ("/adaptive" if adaptive else "") + f" s{seed}")
     Trainer(TrainConfig.from_dict(recipe), log=lambda s: None, desc=desc).fit()
     return LLMModule.from_pretrained(run / "best", large_model=source).eval()
 
@@ -216,28 +242,36 @@ def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known:
     unseen = {f for f in slots if normalise(f.answer) not in targets}
     log(f"seed {seed}: long answers of {len(train)} train / {len(val)} validation / {len(test)} test entities; "
         f"{len(slots)} test slots the source states ({len(unseen)} whose value was never a training target)")
-    small_cfg, got, written = _small_config_dir(cfg, out), {}, {}
+    small_cfg, got, written, modules = _small_config_dir(cfg, out), {}, {}, {}
     for name in cfg.systems:
-        t = time.perf_counter()
+        t, reads = time.perf_counter(), None
         if name == SOURCE:  # what the source knows there: the paragraph given up to each slot
             texts = complete(source_lm, tok, [a.question() + a.prefix(f) for a, f in pairs], cfg.max_new_tokens)
             model, by_slot = source_lm, dict(zip(slots, texts))
         else:
+            questions = [a.question() for a in test]
             if (spec := module_spec(name, cfg)) is not None:
-                model = train_module(cfg, source_ref, small_cfg, data, root / _slug(name), seed, *spec,
-                                     epochs=cfg.long_epochs)
+                if spec not in modules:  # the adaptive thresholds decode one module
+                    run = root / _slug(ADAPTIVE_RUN if spec[4] else name)
+                    modules[spec] = train_module(cfg, source_ref, small_cfg, data, run, seed, *spec,
+                                                 epochs=cfg.long_epochs)
+                model = modules[spec]
+                paragraphs_out, reads = write_paragraphs(model, tok, questions, cfg.long_max_new_tokens,
+                                                         threshold_of(name, cfg))
             else:
                 model = train_small(cfg, tok, [a.row() for a in train], root / _slug(name), seed, name,
                                     teacher=source_lm if name == KD else None, epochs=cfg.long_epochs)
-            paragraphs_out = complete(model, tok, [a.question() for a in test], cfg.long_max_new_tokens)
+                paragraphs_out = complete(model, tok, questions, cfg.long_max_new_tokens)
             written[name] = dict(zip([a.entity for a in test], paragraphs_out))
             by_slot = {f: slot_text(written[name][a.entity], f) for a, f in pairs}
-        got[name] = score(slots, [by_slot[f] for f in slots], unseen) | {"seconds": time.perf_counter() - t}
+        got[name] = score(slots, [by_slot[f] for f in slots], unseen) | {"seconds": time.perf_counter() - t,
+                                                                         "source_reads_per_token": reads}
         got[name]["whole answers"] = answers_part(test, {f: states_answer(by_slot[f], f.answer) for f in slots})
         _costs(got[name], model)
         s = got[name]
         log(f"  seed {seed} {name}: slots {s['all']['em']:.1%}, unseen {_pct(s['unseen']['em'])}, whole answers "
-            f"{_pct(s['whole answers']['em'])} ({s['seconds']:.0f} s)")
+            f"{_pct(s['whole answers']['em'])}" + (f", {reads:.3f} source forwards per answer token" if reads is not None
+                                                   else "") + f" ({s['seconds']:.0f} s)")
     atomic_write_text(root / "paragraphs.json", json.dumps(written, indent=1))  # what each system wrote
     return got
 
@@ -252,6 +286,7 @@ def _costs(row: dict[str, Any], model: Any) -> None:
     if isinstance(model, LLMModule) and model.config.conditioning == "prompt":
         row["answer_source_tokens"] = model.config.answer_source_tokens
         row["source_every"] = model.config.source_every
+        row["source_adaptive"] = model.config.source_adaptive
 
 
 def _pct(x: float | None) -> str:
@@ -320,6 +355,9 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         table[name]["per_token"] = first.get("per_token")
         table[name]["answer_source_tokens"] = first.get("answer_source_tokens")
         table[name]["source_every"] = first.get("source_every")
+        table[name]["source_adaptive"] = first.get("source_adaptive")
+        reads = [r[name]["source_reads_per_token"] for r in runs.values() if r[name].get("source_reads_per_token") is not None]
+        table[name]["source_reads_per_token"] = statistics.mean(reads) if reads else None
     return table
 
 
@@ -359,16 +397,21 @@ def facts_report(summary: dict[str, Any]) -> str:
              *([f"Long answers (`--long-answers`): one paragraph per test entity stating {len(SENTENCES)} facts, "
                 "scored per slot (the value where the paragraph states it) and per whole answer (every counted slot "
                 "right); the source alone is given the paragraph up to each slot.", ""] if long else []),
-             "| system | " + ("slots right | unseen values | seen values | whole answers" if long else
-                              "test EM | unseen answers | seen answers") + " | params run per new token |",
-             "|---|---|---|---|" + ("---|" if long else "") + "---:|"]
+             "| system | " + ("slots right | unseen values | seen values | whole answers | source forwards per answer "
+                                 "token" if long else "test EM | unseen answers | seen answers")
+             + " | params run per new token |",
+             "|---|---|---|---|" + ("---|---:|" if long else "") + "---:|"]
     for name, t in table.items():
         cost = f"{t['per_token']:,}" if t.get("per_token") else "n/a"
         if t.get("answer_source_tokens"):
             cost += f" (+ the source on the first {t['answer_source_tokens']} answer token(s))"
         if t.get("source_every"):
             cost += f" (+ a source forward over every {t['source_every']} answer tokens)"
-        lines.append(f"| {name} | " + " | ".join(_cell(t[p]) for p in parts) + f" | {cost} |")
+        if t.get("source_adaptive"):
+            cost += " (+ a source forward where the module is unsure)"
+        reads = [] if not long else ["n/a" if t.get("source_reads_per_token") is None
+                                     else f"{t['source_reads_per_token']:.3f}"]
+        lines.append(f"| {name} | " + " | ".join([*(_cell(t[p]) for p in parts), *reads]) + f" | {cost} |")
     lines += ["", f"## Per relation ({'slots right' if long else 'test EM'})", "", "| system | " + " | ".join(r[10:] for r in relations) + " |",
               "|---|" + "---|" * len(relations)]
     for name, t in table.items():

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from ..data import Example, encode_prompt
@@ -293,6 +294,14 @@ def add_error_handlers(app: FastAPI, server: Server) -> None:
         where = ".".join(loc)
         return JSONResponse(APIError(400, f"{where}: {msg}" if where else msg, param=where or None).body(),
                             status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+        # What FastAPI and Starlette raise themselves (a body the JSON parser rejects, an unknown route or method):
+        # the same shape as every other error.
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
     @app.middleware("http")
     async def auth(request: HTTPRequest, call_next: Callable) -> Any:

@@ -9,6 +9,7 @@ only when one of them reads it).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,12 +48,20 @@ class ServedModule:
 
     @property
     def source_name(self) -> str:
-        return self.module.config.large_model
+        """The source as clients see it: its hub id, or the name of its folder or file (paths stay in the logs)."""
+        return display_name(self.module.config.large_model)
 
     @property
     def context_limit(self) -> int | None:
         """Positions a prompt plus its answer may take (the trunk's and the source's limits)."""
         return context_limit(self.module)
+
+
+def display_name(source: str) -> str:
+    """A hub id ("Qwen/Qwen2-1.5B") as it is; a local folder or file by its last component, never the path on disk."""
+    name = source.split("::")[-1]
+    local = "::" in source or name.endswith(".gguf") or name.startswith(("/", ".", "~")) or os.path.exists(name)
+    return Path(name.rstrip("/\\")).name or name if local else name
 
 
 def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
