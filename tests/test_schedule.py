@@ -178,3 +178,27 @@ def test_adaptive_module_trains_and_decodes_from_the_cli(fx, tmp_path, capsys):
         assert main(["generate", "--model", str(model), "What is the sum of 2 and 3?", "--max-new-tokens", "8",
                      "--source-entropy", nats]) == 0
         assert capsys.readouterr().out.strip()
+
+
+def test_a_session_keeps_the_catch_ups_of_earlier_answers(build):
+    """A conversation's next turn from its session reads only the new tokens and equals reading the whole
+    conversation with the catch-ups the first answer made (which a fresh read of the text cannot know)."""
+    m, _ = _adaptive(build, "large_qwen2", "small_qwen2")
+    tok = m.tokenizer
+    first = torch.tensor([tok("User: capital of France? Assistant:").input_ids])
+    session = Session()
+    gen = run_decode(m, first, None, True, n=10, session=session, source_entropy=3.0)[0]
+    caught = session.state.catch_ups.clone()
+    assert 0 < int(caught.sum()) < 9
+    follow = torch.tensor([tok(" User: and of Spain? Assistant:").input_ids])
+    ids = torch.cat([first, gen[:, :9], follow], 1)  # the 10th token was never fed: the next prompt goes on from 9
+    answer = torch.zeros_like(ids)
+    answer[:, first.shape[1]:first.shape[1] + 9] = 1
+    logits, state = m.resume(session.state, ids, answer_mask=answer)
+    assert state.length == ids.shape[1]
+    marks = torch.zeros_like(ids, dtype=torch.bool)
+    marks[:, :caught.shape[1]] = caught
+    with torch.no_grad():
+        ref = m(ids, answer_mask=answer, catch_ups=marks).logits[:, -1]
+        blind = m(ids, answer_mask=answer).logits[:, -1]  # eval mode, no catch-ups given: adaptive ones are drawn
+    assert (ref - logits).abs().max() <= 1e-4 and (blind - logits).abs().max() > 1e-3
