@@ -100,5 +100,6 @@ def test_long_answer_pipeline_on_a_tiny_local_source(fx, tmp_path):
         in report
     assert "(+ a source forward over every 3 answer tokens)" in report
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "quality_cost.png").stat().st_size > 1000 and "quality_cost.png" in report
     written = json.loads((tmp_path / "out" / "seed0" / "paragraphs.json").read_text())
     assert set(written) == set(cfg.systems) - {"source alone"} and all(len(v) == 4 for v in written.values())

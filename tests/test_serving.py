@@ -346,3 +346,46 @@ def test_a_long_prompt_and_a_long_answer_arriving_together_both_succeed(server, 
     finally:
         server.cfg.max_answer_tokens = saved
     assert [r.status_code for r in rs] == [200, 200], [r.text for r in rs]
+
+
+def test_metrics_count_requests_tokens_and_latency_and_logs_name_each_request(served_modules):
+    """GET /metrics in Prometheus' text format: requests by outcome, tokens, time to first token, time per token,
+    rows per step, the queue; every request logged with the id its client got."""
+    import re
+
+    logs = []
+    s = Server(ServeConfig(models=[("alpha", served_modules["alpha"])]), log=logs.append).load()
+    try:
+        ids, produced = [], 0
+        for n in (5, 3):
+            r = call(s, "POST", "/v1/chat/completions", {"model": "alpha", "messages": MSGS, "max_tokens": n,
+                                                         "temperature": 0})
+            ids.append(r.json()["id"])
+            produced += r.json()["usage"]["completion_tokens"]
+        r = call(s, "POST", "/v1/completions", {"model": "alpha", "prompt": "The river", "max_tokens": 4,
+                                                "stream": True})
+        produced += 4
+        s.cfg.max_concurrent = 0  # the next is turned away
+        assert call(s, "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 2}).status_code == 429
+        m = call(s, "GET", "/metrics")
+    finally:
+        s.close()
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = m.text
+    sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+]+$')
+    assert all(sample.match(ln) for ln in text.splitlines() if ln and not ln.startswith("#")), text
+
+    def value(line_start):
+        return float(next(ln for ln in text.splitlines() if ln.startswith(line_start)).rsplit(" ", 1)[1])
+
+    assert value('llm_modules_requests_total{module="alpha",outcome="length"}') == 3
+    assert value('llm_modules_requests_total{module="alpha",outcome="rejected"}') == 1
+    assert value('llm_modules_generated_tokens_total{module="alpha"}') == produced == 12
+    assert value('llm_modules_time_to_first_token_seconds_count{module="alpha"}') == 3
+    assert value('llm_modules_time_per_output_token_seconds_count{module="alpha"}') == produced - 3
+    assert value('llm_modules_time_to_first_token_seconds_bucket{le="+Inf",module="alpha"}') == 3
+    assert value("llm_modules_queued_requests") == 0 and value("llm_modules_decode_steps_total") >= 5
+    assert "# TYPE llm_modules_batch_rows histogram" in text
+    for rid in ids:  # the id the client got, at arrival and at the end
+        assert sum(rid in ln for ln in logs) == 2, logs
+    assert any(ln.endswith("length after 5 tokens in " + ln.rsplit(" in ", 1)[1]) for ln in logs)

@@ -256,7 +256,7 @@ def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known:
                     modules[spec] = train_module(cfg, source_ref, small_cfg, data, run, seed, *spec,
                                                  epochs=cfg.long_epochs)
                 model = modules[spec]
-                paragraphs_out, reads = write_paragraphs(model, tok, questions, cfg.long_max_new_tokens,
+                paragraphs_out, reads, _ = write_paragraphs(model, tok, questions, cfg.long_max_new_tokens,
                                                          threshold_of(name, cfg))
             else:
                 model = train_small(cfg, tok, [a.row() for a in train], root / _slug(name), seed, name,
@@ -330,6 +330,8 @@ def run_facts(cfg: FactsConfig, log: Log = print) -> dict[str, Any]:
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "report.md", facts_report(summary))
     plot_facts(summary["table"], out / "accuracy.png", len(cfg.seeds), cfg.long_answers)
+    if cfg.long_answers:
+        plot_reads(summary["table"], out / "quality_cost.png", len(cfg.seeds))
     log(f"report: {out / 'report.md'}; total {summary['seconds']:.0f} s")
     return summary
 
@@ -376,6 +378,18 @@ def plot_facts(table: dict[str, dict[str, Any]], path: Path, n_seeds: int, long:
     plot_bars(path, names, series, f"exact match (mean, min-max over {n_seeds} seeds)" if spread else "exact match")
 
 
+def plot_reads(table: dict[str, dict[str, Any]], path: Path, n_seeds: int) -> None:
+    """Long answers: slots right against the source's forwards per answer token, one point per LLM Module."""
+    from .plots import Point, plot_tradeoff
+
+    spread = n_seeds > 1
+    points = [Point(name, t["source_reads_per_token"], t["all"]["mean"], t["all"]["min"] if spread else None,
+                    t["all"]["max"] if spread else None)
+              for name, t in table.items() if t.get("source_reads_per_token") is not None]
+    plot_tradeoff(path, points, "source forwards per answer token (measured while writing)",
+                  f"slots right (mean{', min-max over ' + str(n_seeds) + ' seeds' if spread else ''})")
+
+
 def _cell(c: dict[str, Any]) -> str:
     if c["mean"] is None:
         return "n/a"
@@ -416,5 +430,5 @@ def facts_report(summary: dict[str, Any]) -> str:
               "|---|" + "---|" * len(relations)]
     for name, t in table.items():
         lines.append(f"| {name} | " + " | ".join(_cell(t[r]) if r in t else "n/a" for r in relations) + " |")
-    lines += ["", "![accuracy](accuracy.png)"]
+    lines += ["", "![accuracy](accuracy.png)", *(["", "![quality against cost](quality_cost.png)"] if long else [])]
     return "\n".join(lines) + "\n"

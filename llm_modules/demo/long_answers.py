@@ -79,11 +79,11 @@ def answers_part(answers: Sequence[LongAnswer], hits: dict[RealFact, bool]) -> d
 
 
 def write_paragraphs(module: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-                     source_entropy: float | None = None) -> tuple[list[str], float]:
+                     source_entropy: float | None = None) -> tuple[list[str], float, int]:
     """An LLM Module's greedy paragraphs, one prompt at a time (each stops at its own end, so no row decodes past
     it), and the knowledge source's forwards while they were written per answer token written: 1 - 1 / n under
     token conditioning, 1 / K when it catches up every K tokens, what the text asked for under the adaptive schedule.
-    `source_entropy`: the adaptive schedule's threshold."""
+    `source_entropy`: the adaptive schedule's threshold. Returns (paragraphs, forwards per token, tokens written)."""
     from ..data import encode_prompt
     from ..decode import cut_text, decode
 
@@ -101,4 +101,4 @@ def write_paragraphs(module: Any, tokenizer: Any, prompts: Sequence[str], max_ne
             texts.append(cut_text(tokenizer.decode(out), ("\n",), tokenizer.eos_token))
     finally:
         module.source.forward = real
-    return texts, reads / max(written, 1)
+    return texts, reads / max(written, 1), written

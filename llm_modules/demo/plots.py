@@ -76,3 +76,38 @@ def plot_curves(path: Path, curves: dict[str, Sequence[float]], xlabel: str, yla
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+@dataclass
+class Point:
+    """One system on a quality-against-cost plot: its cost `x`, its quality `y` in [0, 1] with min-max whiskers."""
+
+    label: str
+    x: float
+    y: float
+    low: float | None = None
+    high: float | None = None
+
+
+def plot_tradeoff(path: Path, points: Sequence[Point], xlabel: str, ylabel: str, title: str = "") -> None:
+    """Quality against cost: one marker per system, numbered on the plot and named in a legend beside the axes."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    for i, p in enumerate(points, 1):
+        err = None
+        if p.low is not None and p.high is not None:
+            err = [[p.y - p.low], [p.high - p.y]]
+        ax.errorbar([p.x], [p.y], yerr=err, fmt="o", capsize=3, ms=6, label=textwrap.fill(f"{i}. {p.label}", 48))
+        ax.annotate(str(i), (p.x, p.y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlim(0, max([1.05, *(p.x * 1.05 for p in points)]))
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}" if v <= 1 else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

@@ -19,10 +19,11 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..data import Example, encode_prompt
 from .engine import Engine, Request
+from .metrics import Metrics
 from .protocol import (
     APIError, ChatRequest, CompletionRequest, Message, chat_chunk, chat_response, completion_response, new_id, usage,
     usage_chunk,
@@ -58,12 +59,14 @@ class Server:
         self.state, self.error = "loading", None
         self.registry: Registry | None = None
         self.engine: Engine | None = None
+        self.metrics = Metrics()
 
     def load(self) -> "Server":
         try:
             self.registry = load_registry(self.cfg.models, self.log, self.cfg.large_model)
             modules = {n: m.module for n, m in self.registry.modules.items()}
-            self.engine = Engine(modules, self.cfg.batch_window, self.cfg.max_batch, self.cfg.threads).start()
+            self.engine = Engine(modules, self.cfg.batch_window, self.cfg.max_batch, self.cfg.threads, self.metrics,
+                                 self.log).start()
             self.state = "ready"
             self.log(f"ready: {len(modules)} module(s) on {len(self.registry.sources)} knowledge source(s)")
         except Exception as e:  # reported by /health and every route; the process keeps answering
@@ -134,10 +137,11 @@ def answer_budget(server: Server, sm: ServedModule, prompt: Example, asked: int 
     return want
 
 
-async def run_request(server: Server, sm: ServedModule, body: Any, prompt: Example,
-                      max_tokens: int) -> tuple[Request, AsyncIterator[tuple[str, str | None]]]:
+async def run_request(server: Server, sm: ServedModule, body: Any, prompt: Example, max_tokens: int,
+                      tag: str = "") -> tuple[Request, AsyncIterator[tuple[str, str | None]]]:
     """Submit to the engine; the iterator yields (new text, finish reason or None) until the answer ends."""
     if server.engine.active >= server.cfg.max_concurrent:
+        server.metrics.inc("llm_modules_requests_total", module=sm.name, outcome="rejected")
         raise APIError(429, f"{server.engine.active} requests in progress (the limit is {server.cfg.max_concurrent}); "
                        "retry shortly", "rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
     loop = asyncio.get_running_loop()
@@ -149,9 +153,11 @@ async def run_request(server: Server, sm: ServedModule, body: Any, prompt: Examp
         except RuntimeError:  # the event loop is gone: nobody is listening
             req.cancelled = True
 
-    req = Request(sm.name, prompt, max_tokens, emit, body.temperature, body.top_p, body.seed)
+    req = Request(sm.name, prompt, max_tokens, emit, body.temperature, body.top_p, body.seed, tag=tag)
     text = AnswerText(sm.tokenizer, [*sm.stop_strings, *body.stop])
     server.engine.submit(req)  # now, so the concurrency count above includes it
+    server.log(f"request {tag or req.id} ({sm.name}): {len(prompt.input_ids)} prompt tokens, at most {max_tokens} "
+               f"new" + (", streamed" if getattr(body, "stream", False) else ""))
 
     async def events() -> AsyncIterator[tuple[str, str | None]]:
         try:
@@ -160,6 +166,7 @@ async def run_request(server: Server, sm: ServedModule, body: Any, prompt: Examp
                 if kind == "token":
                     piece = text.add(value)
                     if text.stopped:
+                        req.ended = "stop"
                         yield piece, "stop"
                         return
                     if piece:
@@ -227,6 +234,11 @@ def add_routes(app: FastAPI, server: Server) -> None:
         return JSONResponse({"status": "ok", "models": list(server.registry.modules), "requests": server.engine.active,
                              "steps": server.engine.steps})
 
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        # Prometheus' text format, version 0.0.4; outside /v1, so like /health it needs no API key.
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("llm_modules.serving").joinpath("static/index.html").read_text("utf-8"))
@@ -245,8 +257,8 @@ def add_routes(app: FastAPI, server: Server) -> None:
         prompt = chat_prompt(sm, body.messages)
         asked = body.max_completion_tokens or body.max_tokens
         max_tokens = answer_budget(server, sm, prompt, asked, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-        req, events = await run_request(server, sm, body, prompt, max_tokens)
         rid, n = new_id("chatcmpl"), len(prompt.input_ids)
+        req, events = await run_request(server, sm, body, prompt, max_tokens, rid)
         if body.stream:
             with_usage = bool(body.stream_options and body.stream_options.include_usage)
             return stream_response(
@@ -263,8 +275,8 @@ def add_routes(app: FastAPI, server: Server) -> None:
         if not prompt.input_ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         max_tokens = answer_budget(server, sm, prompt, body.max_tokens, "max_tokens", "completion")
-        req, events = await run_request(server, sm, body, prompt, max_tokens)
         rid, n = new_id("cmpl"), len(prompt.input_ids)
+        req, events = await run_request(server, sm, body, prompt, max_tokens, rid)
         if body.stream:
             with_usage = bool(body.stream_options and body.stream_options.include_usage)
             return stream_response(

@@ -24,6 +24,7 @@ import torch
 
 from ..data import Example, left_padded, pad_id
 from ..decode import context_limit, decode
+from .metrics import ROW_BUCKETS, Metrics
 
 
 @dataclass
@@ -39,9 +40,13 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     id: int = field(default_factory=itertools.count().__next__)
+    tag: str = ""  # the id its client sees (e.g. chatcmpl-...), for the logs
+    ended: str | None = None  # set by the server when it ends the answer itself (a stop sequence): the outcome
     cancelled: bool = False
     produced: int = 0
     done: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None
 
     def cohort_key(self) -> tuple:
         sampling = (self.temperature, self.top_p) if self.temperature > 0 else ("greedy",)
@@ -51,8 +56,9 @@ class Request:
 class Cohort:
     """Requests decoded together: one `decode` generator over their left-padded prompts."""
 
-    def __init__(self, module: Any, requests: list[Request]):
-        self.requests = requests
+    def __init__(self, module: Any, requests: list[Request], metrics: Metrics | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.requests, self.metrics, self.log = requests, metrics or Metrics(), log
         first = requests[0]
         ids, mask, answer = left_padded([r.prompt for r in requests], pad_id(module.tokenizer))
         dev = module.device
@@ -71,17 +77,17 @@ class Cohort:
             for r in self.requests:
                 self._finish(r, "length")
             return False
+        self.metrics.observe("llm_modules_batch_rows", sum(not r.done for r in self.requests), ROW_BUCKETS)
         for i, r in enumerate(self.requests):
             if r.done:
                 continue
             if r.cancelled:
-                r.done = True
+                self._finish(r, "cancelled")
                 continue
             if bool(finished[i]):
                 self._finish(r, "stop")  # end of sequence
                 continue
-            r.produced += 1
-            r.emit("token", int(nxt[i]))
+            self._token(r, int(nxt[i]))
             if r.produced >= r.max_tokens:
                 self._finish(r, "length")
         if all(r.done for r in self.requests):
@@ -89,20 +95,43 @@ class Cohort:
             return False
         return True
 
-    @staticmethod
-    def _finish(r: Request, reason: str) -> None:
-        if not r.done:
-            r.done = True
-            if not r.cancelled:
-                r.emit("done", reason)
+    def _token(self, r: Request, token: int) -> None:
+        now = time.monotonic()
+        if r.last_token_at is None:
+            self.metrics.observe("llm_modules_time_to_first_token_seconds", now - r.arrived, module=r.module_name)
+        else:
+            self.metrics.observe("llm_modules_time_per_output_token_seconds", now - r.last_token_at,
+                                 module=r.module_name)
+        r.last_token_at, r.produced = now, r.produced + 1
+        self.metrics.inc("llm_modules_generated_tokens_total", module=r.module_name)
+        r.emit("token", token)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        if r.done:
+            return
+        r.done = True
+        outcome = r.ended or ("cancelled" if r.cancelled else reason)
+        if not r.cancelled:
+            r.emit("done", reason)
+        finish(r, outcome, self.metrics, self.log)
 
 
-def fail(requests: list[Request], message: str) -> None:
+def finish(r: Request, outcome: str, metrics: Metrics, log: Callable[[str], None] | None) -> None:
+    """Count a request that has ended and log it (its id, module, outcome, tokens and time)."""
+    metrics.inc("llm_modules_requests_total", module=r.module_name, outcome=outcome)
+    if log is not None:
+        log(f"request {r.tag or r.id} ({r.module_name}): {outcome} after {r.produced} tokens in "
+            f"{time.monotonic() - r.arrived:.2f} s")
+
+
+def fail(requests: list[Request], message: str, metrics: Metrics | None = None,
+         log: Callable[[str], None] | None = None) -> None:
     """End these requests with an error event (the engine itself keeps serving)."""
     for r in requests:
         if not r.done:
             r.done = True
             r.emit("error", message)
+            finish(r, "error", metrics or Metrics(), log)
 
 
 def split_batches(reqs: list[Request], max_batch: int, limit: int | None) -> list[list[Request]]:
@@ -121,8 +150,11 @@ def split_batches(reqs: list[Request], max_batch: int, limit: int | None) -> lis
 
 class Engine:
     def __init__(self, modules: dict[str, Any], batch_window: float = 0.01, max_batch: int = 16,
-                 threads: int | None = None):
+                 threads: int | None = None, metrics: Metrics | None = None, log: Callable[[str], None] | None = None):
         self.modules = modules  # name -> LLMModule
+        self.metrics, self.log = metrics or Metrics(), log
+        self.metrics.gauges["llm_modules_queued_requests"] = lambda: self.queued
+        self.metrics.gauges["llm_modules_active_requests"] = lambda: self.active
         self.batch_window, self.max_batch, self.threads = batch_window, max_batch, threads
         self._pending: list[Request] = []
         self._cohorts: list[Cohort] = []
@@ -148,6 +180,12 @@ class Engine:
             self._lock.notify_all()
 
     @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (not those whose client has gone)."""
+        with self._lock:
+            return sum(1 for r in self._pending if not r.cancelled)
+
+    @property
     def active(self) -> int:
         """Requests queued or generating (a queued request whose client has gone no longer counts)."""
         with self._lock:
@@ -160,14 +198,17 @@ class Engine:
         for r in self._pending:
             if not r.cancelled:
                 groups.setdefault(r.cohort_key(), []).append(r)
+            elif not r.done:  # its client left before it started
+                r.done = True
+                finish(r, "cancelled", self.metrics, self.log)
         self._pending = []
         for key, reqs in groups.items():
             module = self.modules[key[0]]
             for batch in split_batches(reqs, self.max_batch, context_limit(module)):
                 try:
-                    self._cohorts.append(Cohort(module, batch))
+                    self._cohorts.append(Cohort(module, batch, self.metrics, self.log))
                 except Exception as e:  # a bad prompt fails its requests, never the engine
-                    fail(batch, f"{type(e).__name__}: {e}")
+                    fail(batch, f"{type(e).__name__}: {e}", self.metrics, self.log)
 
     def _run(self) -> None:
         if self.threads:
@@ -191,9 +232,10 @@ class Engine:
                 try:
                     alive = c.advance()
                 except Exception as e:  # e.g. out of memory: fail these requests, keep serving
-                    fail(c.requests, f"generation failed: {type(e).__name__}: {e}")
+                    fail(c.requests, f"generation failed: {type(e).__name__}: {e}", self.metrics, self.log)
                     alive = False
                 self.steps += 1
+                self.metrics.inc("llm_modules_decode_steps_total")
                 if not alive:
                     with self._lock:
                         self._cohorts.remove(c)
