@@ -25,16 +25,16 @@ from common import quiet  # noqa: E402
 
 from llm_modules.data import encode_prompt  # noqa: E402
 from llm_modules.demo.facts_run import (MODULE_FAST, MODULE_KNOWLEDGE, FactsConfig,  # noqa: E402
-                                        adaptive_name, every_name, _slug)
+                                        adaptive_name, adaptive_settings, every_name, _slug)
 from llm_modules.demo.long_answers import write_paragraphs  # noqa: E402
 from llm_modules.model import LLMModule  # noqa: E402
 
 
-def systems(seed_dir: Path, cfg: FactsConfig) -> dict[str, tuple[Path, float | None]]:
-    """{system: (module folder, entropy threshold or None)} for the modules this seed's folder holds."""
+def systems(seed_dir: Path, cfg: FactsConfig) -> dict[str, tuple[Path, tuple[float, int] | None]]:
+    """{system: (module folder, (entropy threshold, max gap) or None)} for the modules this seed's folder holds."""
     out = {name: (seed_dir / _slug(name) / "best", None) for name in (MODULE_KNOWLEDGE, MODULE_FAST)}
     out |= {every_name(k): (seed_dir / _slug(every_name(k)) / "best", None) for k in cfg.long_every}
-    out |= {adaptive_name(t): (seed_dir / "adaptive" / "best", t) for t in cfg.long_adaptive}
+    out |= {adaptive_name(t, g): (seed_dir / "adaptive" / "best", (t, g)) for t, g in adaptive_settings(cfg)}
     return {name: v for name, v in out.items() if v[0].is_dir()}
 
 
@@ -73,7 +73,7 @@ def main() -> None:
         for name, (path, nats) in found.items():
             m = modules[str(path)]
             t = time.perf_counter()
-            _, reads, written = write_paragraphs(m, tok, questions, 72, nats)
+            _, reads, written = write_paragraphs(m, tok, questions, 72, *(nats or (None, None)))
             per = (time.perf_counter() - t) / max(written, 1)
             if name not in best or per < best[name][0]:
                 best[name] = (per, reads)

@@ -82,19 +82,20 @@ def _load_module(args: argparse.Namespace):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module = LLMModule.from_pretrained(args.model, large_model=args.large, ignore_fingerprint=args.ignore_fingerprint,
                                        source_dtype=args.source_dtype)
-    set_source_entropy(module.config, args.source_entropy)
+    set_schedule(module.config, args.source_entropy, args.source_max_gap)
     return module.to(torch.device(device)).eval()
 
 
-def set_source_entropy(cfg, value: float | None) -> None:
-    """--source-entropy: the adaptive schedule's threshold for this run (a one-line error on other modules)."""
-    if value is None:
-        return
-    if not cfg.source_adaptive:
-        raise ValueError("--source-entropy: this module has no adaptive schedule (trained with source_adaptive 0)")
-    if value < 0:
-        raise ValueError(f"--source-entropy must be a number of nats >= 0, got {value}")
-    cfg.source_entropy = value
+def set_schedule(cfg, entropy: float | None, max_gap: int | None) -> None:
+    """--source-entropy / --source-max-gap: the adaptive schedule's settings for this run (a one-line error on
+    other modules)."""
+    for flag, value in (("--source-entropy", entropy), ("--source-max-gap", max_gap)):
+        if value is not None and not cfg.source_adaptive:
+            raise ValueError(f"{flag}: this module has no adaptive schedule (trained with source_adaptive 0)")
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    cfg.source_entropy = cfg.source_entropy if entropy is None else entropy
+    cfg.source_max_gap = cfg.source_max_gap if max_gap is None else max_gap
 
 
 def _gen_kwargs(args: argparse.Namespace, module, fmt: str) -> dict:
@@ -151,6 +152,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-entropy", type=float, metavar="NATS",
                    help="adaptive modules (source_adaptive): the source catches up on the answer where the module's "
                         "next-token entropy exceeds this (default: the module's source_entropy; higher: fewer reads)")
+    p.add_argument("--source-max-gap", type=int, metavar="N",
+                   help="adaptive modules: the source also catches up wherever it has not read the last N answer "
+                        "tokens (default: the module's source_max_gap; 0: no bound)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -241,9 +245,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
             cfg.answer_source_tokens = args.answer_source_tokens
         cfg.source_every = args.source_every
         if args.long_answers:
-            from .demo.facts_run import long_systems
+            from .demo.facts_run import adaptive_settings, long_systems
 
-            cfg.long_answers, cfg.systems = True, long_systems(cfg.long_every, cfg.long_adaptive)
+            cfg.long_answers, cfg.systems = True, long_systems(cfg.long_every, adaptive_settings(cfg))
         if args.ablation:
             cfg.systems = (*cfg.systems[:2], *ABLATION, *cfg.systems[2:])
         if args.threads:
@@ -296,7 +300,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                    help="facts world: one paragraph per entity with four facts in the middle ('Tell me about "
                         "Cyprus.'), scored per slot and per answer; token conditioning, fast mode, fast mode with the "
                         "source catching up every 4 and 8 tokens and adaptively (one module decoded at entropy "
-                        "thresholds 3, 4 and 5 nats), the small model, distillation, the source; each module's "
+                        "thresholds 3, 4 and 5 nats, with no bound and at most 8 tokens behind), the small model, distillation, the source; each module's "
                         "source forwards per answer token measured")
     p.add_argument("--source-every", type=int, default=0,
                    help="facts world: the prompt-conditioned module's source catches up on the answer every K answer "
@@ -432,7 +436,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         log(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it")
     log(f"http://{args.host}:{args.port} (web chat at /, OpenAI API at /v1); loading {len(specs)} module(s)")
-    uvicorn.run(create_app(Server(cfg, log)), host=args.host, port=args.port, log_level=args.log_level)
+    # On SIGTERM / Ctrl-C uvicorn stops accepting connections and waits for the answers in flight (up to
+    # --shutdown-timeout), then the engine stops.
+    uvicorn.run(create_app(Server(cfg, log)), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -442,7 +449,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                    "loading), and a web chat at /. Modules trained against the same knowledge "
                                    "source share one loaded copy of it. Requests for the same module and sampling "
                                    "settings that arrive together are decoded as one batch; batches take turns "
-                                   "token by token, so no request waits for another's whole answer.")
+                                   "token by token, so no request waits for another's whole answer. GET /metrics "
+                                   "gives Prometheus metrics; every request is logged with its id; SIGTERM finishes "
+                                   "the answers in flight before the process exits.")
     p.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
                    help="a saved module (repeat for several); NAME is its id in the API (default: the folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -456,6 +465,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="how long an idle server waits for more requests to batch with the first (default 10)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                   help="on SIGTERM, how long to wait for the answers in flight before cutting them off (default: "
+                        "until every one has ended; new connections are refused meanwhile)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

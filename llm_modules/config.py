@@ -121,6 +121,10 @@ class ModuleConfig:
     source_entropy: float = 1.0
     """The adaptive schedule's threshold in nats: a catch-up where the module's next-token entropy exceeds it (higher:
     fewer source reads). Decoding can override it (`--source-entropy`)."""
+    source_max_gap: int = 0
+    """The adaptive schedule: also catch up wherever the source has not read the last `source_max_gap` answer tokens,
+    however sure the module is (a module can be sure and wrong, e.g. repeating itself where it should copy a name
+    it cannot see). 0 (default): no such bound. Decoding can override it (`--source-max-gap`)."""
     tie_answer_embeddings: bool | None = None
     """Prompt conditioning: the answer tokens' input embedding is the new head's weight (True) or a table of its
     own (False). None (default): tied, except with the knowledge path, whose head starts at zero: tied to it, every
@@ -178,6 +182,10 @@ class ModuleConfig:
                              f"'{self.conditioning}' the source reads every answer token already)")
         if self.source_adaptive and self.source_every:
             raise ValueError("source_adaptive and source_every are two schedules: set one of them")
+        if isinstance(self.source_max_gap, bool) or not isinstance(self.source_max_gap, int) or self.source_max_gap < 0:
+            raise ValueError(f"source_max_gap must be an integer >= 0, got {self.source_max_gap!r}")
+        if self.source_max_gap and not self.source_adaptive:
+            raise ValueError(f"source_max_gap {self.source_max_gap} bounds the adaptive schedule: set source_adaptive too")
         if isinstance(self.source_entropy, bool) or not isinstance(self.source_entropy, (int, float)) \
                 or self.source_entropy < 0:
             raise ValueError(f"source_entropy must be a number of nats >= 0, got {self.source_entropy!r}")
@@ -232,7 +240,7 @@ class ModuleConfig:
 MODULE_KEYS = ("large_model", "small_model", "init_small", "source_layer", "num_layers", "num_heads", "adapter_dim",
                "intermediate_dim", "dropout", "gate_init", "attention", "source_dtype", "knowledge_path", "lookup_top_k",
                "conditioning", "answer_source_tokens", "source_every", "source_adaptive", "source_entropy",
-               "tie_answer_embeddings")
+               "source_max_gap", "tie_answer_embeddings")
 PROMPT_KEYS = ("format", "system_prompt", "loss_on")
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .schedule import unsure
+from .schedule import due, unsure
 
 
 @dataclass
@@ -46,16 +46,24 @@ def full_forward_logits(module: Any, ids: Tensor, mask: Tensor, prompt_len: int 
 
 
 def _uncached_step(module: Any, ids: Tensor, mask: Tensor, prompt_len: int, answer_mask: Tensor | None,
-                   catch: Tensor | None, threshold: float | None, made: int) -> tuple[Tensor, Tensor | None]:
+                   catch: Tensor | None, threshold: float | None, made: int,
+                   max_gap: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Logits after the last of `ids` by full recomputation, applying the adaptive schedule as cached decoding does
     (`incremental._adaptive_step`): where a row is unsure, again with the source caught up through its last token."""
     if catch is None:  # no adaptive schedule
         return full_forward_logits(module, ids, mask, prompt_len, answer_mask), None
     catch = torch.cat([catch, catch.new_zeros(catch.shape[0], 1)], 1)
     logits = full_forward_logits(module, ids, mask, prompt_len, answer_mask, catch)
-    if made <= module.config.answer_source_tokens:  # read by the source as prompt anyway
+    n = module.config.answer_source_tokens
+    if made <= n:  # read by the source as prompt anyway
         return logits, catch
-    rows = unsure(logits, threshold if threshold is not None else module.config.source_entropy)
+    # Answer tokens since the source last read one (the new one included): back to the last catch-up, else the N-th.
+    idx = torch.arange(catch.shape[1] - 1, device=catch.device).expand(catch.shape[0], -1)
+    start = torch.full((catch.shape[0], 1), n - 1, dtype=torch.long, device=catch.device)
+    marks = torch.cat([start, torch.where(catch[:, :-1], idx, n - 1)], 1)
+    gap = (made - 1) - marks.max(-1).values
+    rows = unsure(logits, threshold if threshold is not None else module.config.source_entropy) | due(
+        gap, max_gap if max_gap is not None else module.config.source_max_gap)
     if bool(rows.any()):
         catch[:, -1] = rows
         logits = torch.where(rows[:, None], full_forward_logits(module, ids, mask, prompt_len, answer_mask, catch),
@@ -148,13 +156,14 @@ def decode(
     answer_mask: Tensor | None = None,
     session: Session | None = None,
     source_entropy: float | None = None,
+    source_max_gap: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield (next_tokens [B], raw logits [B, V], finished [B]) once per new token.
 
     Finished rows keep receiving `pad_token_id`. Stops when every row has finished.
     `answer_mask` [B, T] marks earlier turns' answers inside the prompt (see `data.encode_prompt`):
     prompt conditioning reads them as it was trained to. `session` carries the caches to the next turn.
-    `source_entropy` overrides the adaptive schedule's threshold (`ModuleConfig.source_entropy`).
+    `source_entropy` and `source_max_gap` override the adaptive schedule's settings (`ModuleConfig`).
     """
     tok = module.tokenizer
     if eos_token_id is None and tok is not None:
@@ -182,8 +191,8 @@ def decode(
         state, catch = None, None
         if use_cache:
             logits, state = _first_step(module, input_ids, attention_mask, answer_mask, session)
-            if source_entropy is not None:
-                state.source_entropy = source_entropy
+            if hasattr(state, "source_max_gap"):  # an LLM Module's DecodeState
+                state.source_entropy, state.source_max_gap = source_entropy, source_max_gap
         else:
             logits = full_forward_logits(module, ids, mask, input_ids.shape[1], answer_mask)
             if getattr(getattr(module, "config", None), "source_adaptive", 0):
@@ -219,7 +228,7 @@ def decode(
                 ids = torch.cat([ids, nxt[:, None]], 1)
                 mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
                 logits, catch = _uncached_step(module, ids, mask, input_ids.shape[1], answer_mask, catch,
-                                               source_entropy, made)
+                                               source_entropy, made, source_max_gap)
     finally:
         module.train(was_training)
 

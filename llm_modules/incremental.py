@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .knowledge import LookupMemory
 from .masks import cross_attention_mask, every_catch_ups, position_ids_from_mask, prompt_limits, within_turn
-from .schedule import unsure
+from .schedule import due, unsure
 
 
 @dataclass
@@ -44,6 +44,7 @@ class DecodeState:
     answer_fed: int = 0  # answer tokens fed (prompt conditioning: the first `answer_source_tokens` reach the source)
     lookup: LookupMemory | None = None  # knowledge lookup: keys and top-k predictions of the source positions read
     source_entropy: float | None = None  # the adaptive schedule's threshold (None: the module's `source_entropy`)
+    source_max_gap: int | None = None  # the adaptive schedule's bound (None: the module's `source_max_gap`)
     wants_source: Callable[[Tensor], Tensor] | None = None  # adaptive: logits [B, V] -> rows [B] to catch up (None:
     # entropy over the threshold); a benchmark sets it to read the source at a chosen rate
 
@@ -191,8 +192,11 @@ def _adaptive_step(module: Any, new_ids: Tensor, state: DecodeState) -> tuple[Te
     if state.wants_source is not None:
         rows = state.wants_source(logits)
     else:
-        threshold = state.source_entropy if state.source_entropy is not None else module.config.source_entropy
-        rows = unsure(logits, threshold)
+        cfg = module.config
+        threshold = state.source_entropy if state.source_entropy is not None else cfg.source_entropy
+        max_gap = state.source_max_gap if state.source_max_gap is not None else cfg.source_max_gap
+        read = prompt_limits((module.prompt_answers(state.answer_mask) & ~state.catch_ups).long())[:, -1]
+        rows = unsure(logits, threshold) | due(state.length - 1 - read, max_gap)
     if not bool(rows.any()):
         return logits, state
     state.drop_last()

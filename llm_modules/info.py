@@ -66,8 +66,10 @@ def source_reads(cfg: ModuleConfig) -> str:
             else "no answer token after that")
     if cfg.source_adaptive:
         rest = (f"then one forward over the unread answer tokens wherever the module's next-token entropy exceeds "
-                f"{cfg.source_entropy:g} nats (adaptive: how often depends on the text; trained with catch-ups at "
-                f"{cfg.source_adaptive:.0%} of answer tokens)")
+                f"{cfg.source_entropy:g} nats" + (f" or the last {cfg.source_max_gap} answer tokens are unread"
+                                                  if cfg.source_max_gap else "")
+                + f" (adaptive: how often depends on the text; trained with catch-ups at {cfg.source_adaptive:.0%} of "
+                  "answer tokens)")
     return f"source reads: the prompt in one forward; {first}{rest}"
 
 

@@ -13,7 +13,7 @@ Schedules (ModuleConfig):
 - `source_every` K: a catch-up at every K-th answer token, fixed in advance (`masks.every_catch_ups`);
 - `source_adaptive` p: decoding catches up where the module is unsure, its next-token entropy over
   `source_entropy` nats at a position (`unsure`), so where a fact is about to be stated rather than inside the
-  template around it. Which positions that will be depends on the module's own predictions, so training draws
+  template around it; with `source_max_gap` M also wherever the source is M answer tokens behind. Which positions that will be depends on the module's own predictions, so training draws
   them at random, each answer token a catch-up with probability p (`draw_catch_ups`): the module learns to read
   the source however stale its last catch-up is, and to use a fresh one.
 """
@@ -39,6 +39,12 @@ def entropy(logits: Tensor) -> Tensor:
 def unsure(logits: Tensor, threshold: float) -> Tensor:
     """[B] bool: the rows whose next-token distribution (`logits` [B, V]) has an entropy over `threshold` nats."""
     return entropy(logits) > threshold
+
+
+def due(gap: Tensor, max_gap: int) -> Tensor:
+    """[B] bool: the rows whose source has not read the last `max_gap` answer tokens (`gap` [B]: answer tokens since
+    the last one it read, the new one included); none for 0."""
+    return gap >= max_gap if max_gap > 0 else torch.zeros_like(gap, dtype=torch.bool)
 
 
 def draw_catch_ups(answer: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:

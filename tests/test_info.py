@@ -62,3 +62,5 @@ def test_source_reads_per_schedule():
         "source reads: the prompt in one forward; then one forward over the unread answer tokens wherever the "
         "module's next-token entropy exceeds 1.5 nats (adaptive: how often depends on the text; trained with "
         "catch-ups at 25% of answer tokens)")
+    assert "exceeds 2 nats or the last 8 answer tokens are unread (adaptive" in reads(
+        conditioning="prompt", source_adaptive=0.25, source_entropy=2, source_max_gap=8)

@@ -71,6 +71,10 @@ def test_adaptive_schedule_is_validated_and_saved(build, tmp_path):
         ModuleConfig(large_model="x", conditioning="prompt", source_adaptive=0.2, source_every=4)
     with pytest.raises(ValueError, match="source_entropy must be a number of nats"):
         ModuleConfig(large_model="x", source_entropy=-1)
+    with pytest.raises(ValueError, match="source_max_gap 8 bounds the adaptive schedule"):
+        ModuleConfig(large_model="x", conditioning="prompt", source_max_gap=8)
+    with pytest.raises(ValueError, match="source_max_gap must be an integer >= 0"):
+        ModuleConfig(large_model="x", conditioning="prompt", source_adaptive=0.2, source_max_gap=2.5)
     m = build(conditioning="prompt", source_adaptive=0.25, source_entropy=2.5)
     m.save_pretrained(tmp_path / "m")
     cfg = LLMModule.from_pretrained(tmp_path / "m").config
@@ -174,10 +178,12 @@ def test_adaptive_module_trains_and_decodes_from_the_cli(fx, tmp_path, capsys):
         calls.clear()
         run_decode(m, ids, None, True, n=12, source_entropy=nats)
         assert len(calls) == reads
-    for nats in ("0", "1e6"):
+    for extra in (["--source-entropy", "0"], ["--source-entropy", "1e6", "--source-max-gap", "3"]):
         assert main(["generate", "--model", str(model), "What is the sum of 2 and 3?", "--max-new-tokens", "8",
-                     "--source-entropy", nats]) == 0
+                     *extra]) == 0
         assert capsys.readouterr().out.strip()
+    assert main(["generate", "--model", str(model), "x", "--source-max-gap", "-1"]) == 2
+    assert "--source-max-gap must be >= 0" in capsys.readouterr().err
 
 
 def test_a_session_keeps_the_catch_ups_of_earlier_answers(build):
@@ -202,3 +208,26 @@ def test_a_session_keeps_the_catch_ups_of_earlier_answers(build):
         ref = m(ids, answer_mask=answer, catch_ups=marks).logits[:, -1]
         blind = m(ids, answer_mask=answer).logits[:, -1]  # eval mode, no catch-ups given: adaptive ones are drawn
     assert (ref - logits).abs().max() <= 1e-4 and (blind - logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("large,small,extra", [
+    ("large_qwen2", "small_gpt_neo", {"knowledge_path": "lookup"}),
+    ("large_llama", "small_gpt2", {"knowledge_path": "logits", "answer_source_tokens": 2}),
+])
+def test_a_max_gap_bounds_how_long_the_source_lags(build, large, small, extra):
+    """With a threshold never reached, `source_max_gap` M makes the source catch up every M answer tokens (a sure
+    module too); cached decoding equals recomputation; with a threshold sometimes reached, no gap exceeds M."""
+    m, enc = _adaptive(build, large, small, **extra)
+    n = extra.get("answer_source_tokens", 0)
+    for nats, gap in ((1e9, 5), (1.0 if "lookup" in extra else 4.75, 3)):
+        session = Session()
+        cached = run_decode(m, enc.input_ids, enc.attention_mask, True, source_entropy=nats, source_max_gap=gap,
+                            session=session)
+        full = run_decode(m, enc.input_ids, enc.attention_mask, False, source_entropy=nats, source_max_gap=gap)
+        assert torch.equal(cached[0], full[0]) and (cached[1] - full[1]).abs().max() <= 1e-4
+        caught = session.state.catch_ups[:, enc.input_ids.shape[1] + n:]  # the answer tokens past the first n
+        for row in caught:
+            read = [-1, *row.nonzero()[:, 0].tolist()]
+            assert max(b - a for a, b in zip(read, read[1:] + [len(row)])) <= gap
+        if nats == 1e9:  # only the bound: exactly every `gap` tokens
+            assert caught[0].nonzero()[:, 0].tolist() == list(range(gap - 1, caught.shape[1], gap))

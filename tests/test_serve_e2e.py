@@ -190,3 +190,34 @@ def test_web_chat_in_headless_chromium(served, tmp_path):
         assert (tmp_path / "webchat.png").stat().st_size > 5000
     finally:
         browser.quit()
+
+
+def test_sigterm_finishes_the_answers_in_flight(served, served_modules, tmp_path):
+    """SIGTERM while a long answer streams: the server stops taking connections, finishes that answer to its last
+    token and [DONE], then exits 0 (no response is lost)."""
+    messages = [{"role": "user", "content": "hi"}]
+    seed = long_answer_seed(served, messages)
+    log = tmp_path / "term.log"
+    proc, url = start_server({"alpha": served_modules["alpha"]}, log, "--max-answer-tokens", "240")
+    body = {"model": "alpha", "messages": messages, "max_tokens": 200, "temperature": 1, "seed": seed,
+            "stream": True, "stream_options": {"include_usage": True}}
+    lines = []
+    try:
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
+            with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                it = r.iter_lines()
+                lines += [next(it), next(it), next(it)]  # the answer has begun
+                proc.terminate()
+                lines += list(it)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    events = [ln[6:] for ln in lines if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]", log.read_text()
+    import json
+
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 200
+    assert code == 0, log.read_text()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=2)

@@ -75,7 +75,9 @@ class FactsConfig:
     long_every: tuple[int, ...] = (4, 8)
     long_adaptive: tuple[float, ...] = (3.0, 4.0, 5.0)
     """Long answers: fast mode with the adaptive schedule (ModuleConfig.source_adaptive), one module decoded at each
-    of these entropy thresholds (nats)."""
+    of these entropy thresholds (nats)..."""
+    long_max_gaps: tuple[int, ...] = (0, 8)
+    """... and each of these bounds on how far the source may lag (ModuleConfig.source_max_gap; 0: none)."""
     adaptive_rate: float = 0.25
     """The adaptive module's training catch-up rate (ModuleConfig.source_adaptive)."""
     adaptive_knowledge: str = "lookup"
@@ -93,17 +95,23 @@ def every_name(k: int) -> str:
     return f"{MODULE_FAST}, source every {k} answer tokens"
 
 
-def adaptive_name(nats: float) -> str:
-    return f"LLM Module, prompt conditioning, adaptive source reads (entropy over {nats:g} nats)"
+def adaptive_name(nats: float, max_gap: int = 0) -> str:
+    gap = f", at most {max_gap} tokens behind" if max_gap else ""
+    return f"LLM Module, prompt conditioning, adaptive source reads (entropy over {nats:g} nats{gap})"
+
+
+def adaptive_settings(cfg: "FactsConfig") -> list[tuple[float, int]]:
+    """(threshold, max gap) of each adaptive system, in the report's order."""
+    return [(t, g) for g in cfg.long_max_gaps for t in cfg.long_adaptive]
 
 
 ADAPTIVE_RUN = "adaptive"  # the folder of the one adaptive module every threshold decodes
 
 
-def long_systems(every: Sequence[int], adaptive: Sequence[float] = ()) -> tuple[str, ...]:
-    """The long-answer systems: token conditioning, fast mode, fast mode catching up every K and adaptively, the
-    baselines."""
-    return (*LONG_SYSTEMS[:2], *(every_name(k) for k in every), *(adaptive_name(t) for t in adaptive),
+def long_systems(every: Sequence[int], adaptive: Sequence[tuple[float, int]] = ()) -> tuple[str, ...]:
+    """The long-answer systems: token conditioning, fast mode, fast mode catching up every K and adaptively (at each
+    (threshold, max gap)), the baselines."""
+    return (*LONG_SYSTEMS[:2], *(every_name(k) for k in every), *(adaptive_name(t, g) for t, g in adaptive),
             *LONG_SYSTEMS[2:])
 
 
@@ -113,7 +121,7 @@ def module_spec(name: str, cfg: "FactsConfig") -> tuple[str, float, str, int, fl
     for k in cfg.long_every:
         if name == every_name(k):
             return "lookup", cfg.distill_weight, "prompt", k, 0.0
-    if any(name == adaptive_name(t) for t in cfg.long_adaptive):
+    if any(name == adaptive_name(t, g) for t, g in adaptive_settings(cfg)):
         return cfg.adaptive_knowledge, cfg.distill_weight, "prompt", 0, cfg.adaptive_rate
     if name not in MODULES:
         return None
@@ -122,9 +130,9 @@ def module_spec(name: str, cfg: "FactsConfig") -> tuple[str, float, str, int, fl
             cfg.source_every if conditioning == "prompt" else 0, 0.0)
 
 
-def threshold_of(name: str, cfg: "FactsConfig") -> float | None:
-    """The entropy threshold an adaptive system decodes at (None for the others)."""
-    return next((t for t in cfg.long_adaptive if name == adaptive_name(t)), None)
+def threshold_of(name: str, cfg: "FactsConfig") -> tuple[float | None, int | None]:
+    """(entropy threshold, max gap) an adaptive system decodes at ((None, None) for the others)."""
+    return next(((t, g) for t, g in adaptive_settings(cfg) if name == adaptive_name(t, g)), (None, None))
 
 
 def _rows_file(path: Path, facts: Sequence[RealFact]) -> str:
@@ -257,7 +265,7 @@ def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known:
                                                  epochs=cfg.long_epochs)
                 model = modules[spec]
                 paragraphs_out, reads, _ = write_paragraphs(model, tok, questions, cfg.long_max_new_tokens,
-                                                         threshold_of(name, cfg))
+                                                            *threshold_of(name, cfg))
             else:
                 model = train_small(cfg, tok, [a.row() for a in train], root / _slug(name), seed, name,
                                     teacher=source_lm if name == KD else None, epochs=cfg.long_epochs)

@@ -79,11 +79,12 @@ def answers_part(answers: Sequence[LongAnswer], hits: dict[RealFact, bool]) -> d
 
 
 def write_paragraphs(module: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-                     source_entropy: float | None = None) -> tuple[list[str], float, int]:
+                     source_entropy: float | None = None, source_max_gap: int | None = None
+                     ) -> tuple[list[str], float, int]:
     """An LLM Module's greedy paragraphs, one prompt at a time (each stops at its own end, so no row decodes past
     it), and the knowledge source's forwards while they were written per answer token written: 1 - 1 / n under
     token conditioning, 1 / K when it catches up every K tokens, what the text asked for under the adaptive schedule.
-    `source_entropy`: the adaptive schedule's threshold. Returns (paragraphs, forwards per token, tokens written)."""
+    `source_entropy`, `source_max_gap`: the adaptive schedule's settings. Returns (paragraphs, forwards per token, tokens written)."""
     from ..data import encode_prompt
     from ..decode import cut_text, decode
 
@@ -96,7 +97,7 @@ def write_paragraphs(module: Any, tokenizer: Any, prompts: Sequence[str], max_ne
             ids = torch.tensor([encode_prompt(tokenizer, "raw", prompt).input_ids], device=module.device)
             calls.clear()
             out = [int(t) for t, _, _ in decode(module, ids, max_new_tokens=max_new_tokens, stop_strings=("\n",),
-                                                source_entropy=source_entropy)]
+                                                source_entropy=source_entropy, source_max_gap=source_max_gap)]
             reads, written = reads + len(calls) - 1, written + len(out)  # the first call reads the prompt
             texts.append(cut_text(tokenizer.decode(out), ("\n",), tokenizer.eos_token))
     finally:

@@ -26,7 +26,7 @@ class TrainConfig:
     """The module's settings; recipe keys: see ModuleConfig (large_model, small_model, init_small,
     source_layer, num_layers, num_heads, adapter_dim, intermediate_dim, dropout, gate_init,
     attention, source_dtype, knowledge_path, lookup_top_k, conditioning, answer_source_tokens,
-    source_every, source_adaptive, source_entropy, tie_answer_embeddings) and PromptConfig (format, system_prompt, loss_on)."""
+    source_every, source_adaptive, source_entropy, source_max_gap, tie_answer_embeddings) and PromptConfig (format, system_prompt, loss_on)."""
     init_from: str | None = None
     """Start from a saved llm-modules folder (e.g. a converted reference checkpoint) instead of building."""
     # data
