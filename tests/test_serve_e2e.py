@@ -194,7 +194,8 @@ def test_web_chat_in_headless_chromium(served, tmp_path):
 
 def test_sigterm_finishes_the_answers_in_flight(served, served_modules, tmp_path):
     """SIGTERM while a long answer streams: the server stops taking connections, finishes that answer to its last
-    token and [DONE], then exits 0 (no response is lost)."""
+    token and [DONE], then exits (no response is lost). uvicorn re-raises the signal it caught once its shutdown is
+    done, so the process reports SIGTERM as its cause of exit; an abrupt death would have cut the stream."""
     messages = [{"role": "user", "content": "hi"}]
     seed = long_answer_seed(served, messages)
     log = tmp_path / "term.log"
@@ -218,6 +219,7 @@ def test_sigterm_finishes_the_answers_in_flight(served, served_modules, tmp_path
     import json
 
     assert json.loads(events[-2])["usage"]["completion_tokens"] == 200
-    assert code == 0, log.read_text()
+    assert code in (0, -15), log.read_text()
+    assert "length after 200 tokens" in log.read_text()
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
