@@ -27,6 +27,7 @@ from llm_modules.data import encode_prompt  # noqa: E402
 from llm_modules.demo.facts_run import (MODULE_FAST, MODULE_KNOWLEDGE, FactsConfig,  # noqa: E402
                                         adaptive_name, adaptive_settings, every_name, _slug)
 from llm_modules.demo.long_answers import write_paragraphs  # noqa: E402
+from llm_modules.knowledge_source import load_causal_lm  # noqa: E402
 from llm_modules.model import LLMModule  # noqa: E402
 
 
@@ -62,7 +63,8 @@ def main() -> None:
     found = systems(seed_dir, cfg)
     modules = {str(p): LLMModule.from_pretrained(p).eval() for p, _ in found.values()}
     first = next(iter(modules.values()))
-    tok, lm = first.tokenizer, first.source.model
+    # The source as a causal LM of its own (the modules hold its trunk and head apart), in the demo's dtype.
+    tok, lm = first.tokenizer, load_causal_lm(first.config.large_model, first.config.source_dtype).eval()
     rows = [json.loads(ln) for ln in (seed_dir / "data" / "val.jsonl").read_text().splitlines()]
     questions = [r["conversations"][0]["value"] for r in rows][: args.entities]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(questions)} validation paragraphs per "
