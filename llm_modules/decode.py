@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .schedule import due, unsure
+from .schedule import due, lag, unsure
 
 
 @dataclass
@@ -54,14 +54,10 @@ def _uncached_step(module: Any, ids: Tensor, mask: Tensor, prompt_len: int, answ
         return full_forward_logits(module, ids, mask, prompt_len, answer_mask), None
     catch = torch.cat([catch, catch.new_zeros(catch.shape[0], 1)], 1)
     logits = full_forward_logits(module, ids, mask, prompt_len, answer_mask, catch)
-    n = module.config.answer_source_tokens
-    if made <= n:  # read by the source as prompt anyway
+    if made <= module.config.answer_source_tokens:  # read by the source as prompt anyway
         return logits, catch
-    # Answer tokens since the source last read one (the new one included): back to the last catch-up, else the N-th.
-    idx = torch.arange(catch.shape[1] - 1, device=catch.device).expand(catch.shape[0], -1)
-    start = torch.full((catch.shape[0], 1), n - 1, dtype=torch.long, device=catch.device)
-    marks = torch.cat([start, torch.where(catch[:, :-1], idx, n - 1)], 1)
-    gap = (made - 1) - marks.max(-1).values
+    answer = module.prompt_answers((torch.arange(ids.shape[1], device=ids.device) >= prompt_len).long().expand_as(ids))
+    gap = lag(answer, torch.cat([torch.zeros_like(ids[:, :prompt_len], dtype=torch.bool), catch], 1))
     rows = unsure(logits, threshold if threshold is not None else module.config.source_entropy) | due(
         gap, max_gap if max_gap is not None else module.config.source_max_gap)
     if bool(rows.any()):

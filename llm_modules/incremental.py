@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .knowledge import LookupMemory
 from .masks import cross_attention_mask, every_catch_ups, position_ids_from_mask, prompt_limits, within_turn
-from .schedule import due, unsure
+from .schedule import due, lag, unsure
 
 
 @dataclass
@@ -195,8 +195,8 @@ def _adaptive_step(module: Any, new_ids: Tensor, state: DecodeState) -> tuple[Te
         cfg = module.config
         threshold = state.source_entropy if state.source_entropy is not None else cfg.source_entropy
         max_gap = state.source_max_gap if state.source_max_gap is not None else cfg.source_max_gap
-        read = prompt_limits((module.prompt_answers(state.answer_mask) & ~state.catch_ups).long())[:, -1]
-        rows = unsure(logits, threshold) | due(state.length - 1 - read, max_gap)
+        gap = lag(module.prompt_answers(state.answer_mask), state.catch_ups)
+        rows = unsure(logits, threshold) | due(gap, max_gap)
     if not bool(rows.any()):
         return logits, state
     state.drop_last()

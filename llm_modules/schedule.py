@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .masks import every_catch_ups
+from .masks import every_catch_ups, prompt_limits
 
 EVAL_SEED = 0  # outside training, drawn catch-ups come from this seed, so validation losses compare
 
@@ -39,6 +39,13 @@ def entropy(logits: Tensor) -> Tensor:
 def unsure(logits: Tensor, threshold: float) -> Tensor:
     """[B] bool: the rows whose next-token distribution (`logits` [B, V]) has an entropy over `threshold` nats."""
     return entropy(logits) > threshold
+
+
+def lag(answer: Tensor, catch_ups: Tensor) -> Tensor:
+    """[B]: answer tokens since the source last read one, the last position included (`answer` [B, T]: prompt
+    conditioning's answer positions, the first `answer_source_tokens` excluded; `catch_ups` [B, T])."""
+    read = prompt_limits((answer & ~catch_ups).long())[:, -1]
+    return answer.shape[-1] - 1 - read
 
 
 def due(gap: Tensor, max_gap: int) -> Tensor:
