@@ -75,7 +75,7 @@ def main() -> None:
         for name, (path, nats) in found.items():
             m = modules[str(path)]
             t = time.perf_counter()
-            _, reads, written = write_paragraphs(m, tok, questions, 72, *(nats or (None, None)))
+            _, reads, written = write_paragraphs(m, questions, 72, *(nats or (None, None)))
             per = (time.perf_counter() - t) / max(written, 1)
             if name not in best or per < best[name][0]:
                 best[name] = (per, reads)

@@ -240,14 +240,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
         from .demo.facts_run import ABLATION
 
         cfg = FactsConfig(out=args.out if args.out != "demo_out" else "demo_out/facts", source=args.source,
-                          facts=args.facts, seeds=tuple(args.seeds or [args.seed]))
+                          facts=args.facts, seeds=tuple(args.seeds or [args.seed]), split=args.split,
+                          relation_folds=args.relation_folds)
         if args.answer_source_tokens is not None:
             cfg.answer_source_tokens = args.answer_source_tokens
         cfg.source_every = args.source_every
         if args.long_answers:
             from .demo.facts_run import adaptive_settings, long_systems
 
-            cfg.long_answers, cfg.systems = True, long_systems(cfg.long_every, adaptive_settings(cfg))
+            cfg.long_answers, cfg.systems = True, long_systems(cfg.long_every, adaptive_settings(cfg), cfg.long_budgets)
         if args.ablation:
             cfg.systems = (*cfg.systems[:2], *ABLATION, *cfg.systems[2:])
         if args.threads:
@@ -289,6 +290,11 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="several seeds: mean, min-max and Wilson intervals in one report")
     p.add_argument("--source", help="facts world: knowledge source (folder, hub id or .gguf; default: smollm2 fetched)")
     p.add_argument("--facts", help="facts world: JSONL of facts (entity, relation, cue, answer, optional question)")
+    p.add_argument("--split", default="entity", choices=["entity", "relation"],
+                   help="facts world: hold out entities (default; every relation trained) or whole relations, rotated "
+                        "over --relation-folds folds so every relation is tested once by systems never trained on it "
+                        "(uses the 658 packaged facts and 445 more of ten other kinds; every system retrained per fold)")
+    p.add_argument("--relation-folds", type=int, default=2, help="facts world, --split relation: folds (default 2)")
     p.add_argument("--ablation", action="store_true",
                    help="synthetic: also the lookup under token conditioning, fast mode without the lookup, the small "
                         "model from scratch, distillation + held-out prompts; facts: also the paper's design with "
@@ -300,8 +306,10 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                    help="facts world: one paragraph per entity with four facts in the middle ('Tell me about "
                         "Cyprus.'), scored per slot and per answer; token conditioning, fast mode, fast mode with the "
                         "source catching up every 4 and 8 tokens and adaptively (one module decoded at entropy "
-                        "thresholds 3, 4 and 5 nats, with no bound and at most 8 tokens behind), the small model, distillation, the source; each module's "
-                        "source forwards per answer token measured; about 45 minutes per seed on 2 CPU cores)")
+                        "thresholds 3, 4 and 5 nats, with no bound and at most 8 tokens behind, and at thresholds "
+                        "calibrated on validation questions to read the source at 10%% and 20%% of answer tokens), the "
+                        "small model, distillation, the source; each module's source forwards per answer token "
+                        "measured; about an hour per seed on 2 CPU cores)")
     p.add_argument("--source-every", type=int, default=0,
                    help="facts world: the prompt-conditioned module's source catches up on the answer every K answer "
                         "tokens (source_every; default 0: never)")
@@ -353,6 +361,51 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
     p.add_argument("--skip-bad-rows", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .data import default_stop_strings
+    from .inference.calibrate import calibrate_entropy
+    from .inference.evaluate import last_turn, read_conversations
+    from .model import module_config_path
+
+    module = _load_module(args)
+    fmt = module.config.prompt.format if args.format == "auto" else args.format
+    prompts = [last_turn(module.tokenizer, fmt, c)[0] for c in read_conversations(args.data, args.limit)]
+    print(f"calibrating on {len(prompts)} prompts of {args.data} for at most {args.read_budget} source reads per "
+          "answer token")
+    cal = calibrate_entropy(module, prompts, args.read_budget, args.max_new_tokens, args.steps,
+                            default_stop_strings(module.tokenizer, fmt), log=print)
+    module.config.source_entropy = cal.threshold
+    if args.output:
+        module.save_pretrained(args.output)
+        where = args.output
+    else:  # only the threshold changes: rewrite the config, atomically, and leave the weights alone
+        where = str(module_config_path(Path(args.model)))
+        module.config.save(where)
+    print(f"source_entropy {cal.threshold:.4f} nats: {cal.reads_per_token:.3f} source reads per answer token "
+          f"({cal.tokens} tokens); written to {where}")
+
+
+def add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="set an adaptive module's entropy threshold from a budget of source reads",
+                       description="For a module trained with source_adaptive: find the lowest source_entropy at "
+                                   "which, writing greedy answers to the dataset's prompts one at a time, the source "
+                                   "catches up on at most --read-budget of the answer tokens (bisection; each step "
+                                   "decodes every prompt), and save it in the module's llm_module.json (or in a copy "
+                                   "of the module, --output).")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="prompts to calibrate on (held-out rows, either schema)")
+    p.add_argument("--read-budget", type=float, required=True, metavar="SHARE",
+                   help="source catch-ups per answer token to spend, in (0, 1)")
+    p.add_argument("--format", default="auto", choices=["auto", "paper", "chat_template", "plain"])
+    p.add_argument("--limit", type=int, default=32, help="calibrate on the first N rows (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8, help="bisection steps (default 8: thresholds about 0.04 nats apart)")
+    p.add_argument("--output", help="save a calibrated copy of the module here instead of updating its config")
+    p.set_defaults(func=cmd_calibrate)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -472,7 +525,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_fetch_source, add_info, add_train, add_cache, add_generate, add_chat, add_eval, add_compare, add_convert_reference, add_serve]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_fetch_source, add_info, add_train, add_cache, add_generate, add_chat, add_eval, add_calibrate, add_compare, add_convert_reference, add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

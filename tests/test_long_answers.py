@@ -61,7 +61,7 @@ def test_long_answer_pipeline_on_a_tiny_local_source(fx, tmp_path):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from llm_modules.demo.facts_run import (MODULE_FAST, MODULE_KNOWLEDGE, FactsConfig, adaptive_name,
-                                            adaptive_settings, every_name, long_systems, run_facts)
+                                            adaptive_settings, budget_name, every_name, long_systems, run_facts)
     from llm_modules.demo.run import fit_causal_lm, lm_examples
     from llm_modules.fixtures import tiny_config
 
@@ -78,8 +78,8 @@ def test_long_answer_pipeline_on_a_tiny_local_source(fx, tmp_path):
     cfg = FactsConfig(out=str(tmp_path / "out"), source=str(tmp_path / "src_run" / "last"),
                       facts=str(tmp_path / "facts.jsonl"), seeds=(0,), small_hidden=32, batch_size=8, progress=False,
                       long_answers=True, long_every=(3,), long_adaptive=(0.0, 1e6), long_max_gaps=(0, 4), long_epochs=2,
-                      long_max_new_tokens=48)
-    cfg.systems = long_systems(cfg.long_every, adaptive_settings(cfg))
+                      long_max_new_tokens=48, long_budgets=(0.3,), calibration_prompts=2, calibration_steps=4)
+    cfg.systems = long_systems(cfg.long_every, adaptive_settings(cfg), cfg.long_budgets)
     summary = run_facts(cfg, log=lambda s: None)
     table = summary["table"]
     assert set(table) == set(cfg.systems) and every_name(3) in table
@@ -93,13 +93,16 @@ def test_long_answer_pipeline_on_a_tiny_local_source(fx, tmp_path):
     assert 0.2 < reads[every_name(3)] < 0.45 and max(reads[adaptive_name(1e6)], reads[MODULE_FAST]) < 0.2
     assert reads["source alone"] is None and table[adaptive_name(0.0)]["source_adaptive"] == 0.25
     assert reads[adaptive_name(1e6)] < 0.2 < reads[adaptive_name(1e6, 4)] < 0.4  # the bound alone: every 4 tokens
+    # Calibrated on 2 validation questions to read at 30% of tokens: a threshold between never and always reading.
+    (nats,) = table[budget_name(0.3)]["source_entropy"]
+    assert 0 < nats < 1e6 and reads[adaptive_name(1e6)] <= reads[budget_name(0.3)] <= reads[adaptive_name(0.0)]
     assert sorted(p.name for p in (tmp_path / "out" / "seed0").iterdir() if "adaptive" in p.name) == ["adaptive"]
     counted = source["whole answers"]["n"]
     assert 1 <= counted <= 4 and all(table[n]["whole answers"]["n"] == counted for n in cfg.systems)  # 4 test entities
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| system | slots right | unseen values | seen values | whole answers | source forwards per answer token |" \
         in report
-    assert "(+ a source forward over every 3 answer tokens)" in report
+    assert "(+ a source forward over every 3 answer tokens)" in report and f"(threshold {nats:.2f} nats)" in report
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
     assert (tmp_path / "out" / "quality_cost.png").stat().st_size > 1000 and "quality_cost.png" in report
     written = json.loads((tmp_path / "out" / "seed0" / "paragraphs.json").read_text())

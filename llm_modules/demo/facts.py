@@ -29,6 +29,9 @@ from ..data import DataError
 from ..io import atomic_write_text, read_json
 
 PACKAGED = Path(__file__).parent / "data" / "facts.jsonl"
+# Ten more kinds of fact (cities, capitals read backwards, landmarks, books, paintings, inventions, companies,
+# opposites, young animals, chemical formulas), written for the relation split: relations held out of training.
+PACKAGED_KINDS = Path(__file__).parent / "data" / "facts_kinds.jsonl"
 FIELDS = ("entity", "relation", "cue", "answer")
 
 
@@ -75,6 +78,19 @@ def load_facts(path: str | Path | None = None) -> list[RealFact]:
     return facts
 
 
+def load_fact_files(paths: Sequence[str | Path]) -> list[RealFact]:
+    """Facts from several JSONL files, in order; a fact given twice (same entity and relation) is an error."""
+    facts: list[RealFact] = []
+    seen: dict[tuple[str, str], Path] = {}
+    for path in paths:
+        for f in load_facts(path):
+            if (f.entity, f.relation) in seen:
+                raise DataError(f"{path}: the {f.relation!r} fact for {f.entity!r} is also in {seen[f.entity, f.relation]}")
+            seen[f.entity, f.relation] = Path(path)
+            facts.append(f)
+    return facts
+
+
 def normalise(text: str) -> str:
     return " ".join(text.replace("\u2019", "'").split()).strip().rstrip(".").lower()
 
@@ -115,6 +131,40 @@ def split_by_entity(facts: Sequence[RealFact], seed: int, fractions: tuple[float
     return FactSplit(*groups, unseen={f for f in groups[2] if normalise(f.answer) not in targets})
 
 
+def relation_folds(facts: Sequence[RealFact], folds: int) -> list[list[str]]:
+    """Relations dealt into `folds` groups of about equal test size (largest relation first, each to the group with
+    the fewest facts so far), so that every relation is held out exactly once."""
+    sizes: dict[str, int] = {}
+    for f in facts:
+        sizes[f.relation] = sizes.get(f.relation, 0) + 1
+    if folds < 2 or folds > len(sizes):
+        raise ValueError(f"relation split: {folds} folds need between 2 and {len(sizes)} (the relations with facts the "
+                         "source states)")
+    groups: list[list[str]] = [[] for _ in range(folds)]
+    totals = [0] * folds
+    for rel in sorted(sizes, key=lambda r: (-sizes[r], r)):
+        i = totals.index(min(totals))
+        groups[i].append(rel)
+        totals[i] += sizes[rel]
+    return [sorted(g) for g in groups]
+
+
+def split_by_relation(facts: Sequence[RealFact], held_out: Sequence[str], seed: int,
+                      val_fraction: float = 0.2) -> FactSplit:
+    """Test: every fact of the held-out relations. Train / validation: the other relations' facts, split by entity
+    (checkpoints are chosen on validation entities of trained relations: all a user training on their own task has)."""
+    held = set(held_out)
+    trained = [f for f in facts if f.relation not in held]
+    test = [f for f in facts if f.relation in held]
+    entities = sorted({f.entity for f in trained})
+    random.Random(seed).shuffle(entities)
+    val_entities = set(entities[:max(1, round(len(entities) * val_fraction))])
+    train = [f for f in trained if f.entity not in val_entities]
+    val = [f for f in trained if f.entity in val_entities]
+    targets = {normalise(f.answer) for f in train}
+    return FactSplit(train, val, test, unseen={f for f in test if normalise(f.answer) not in targets})
+
+
 # -- scoring ----------------------------------------------------------------------------------------
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion."""
@@ -136,6 +186,28 @@ def score(facts: Sequence[RealFact], completions: Sequence[str], unseen: set[Rea
 
     return {"all": part(lambda f: True), "unseen": part(lambda f: f in unseen), "seen": part(lambda f: f not in unseen),
             "relations": {r: part(lambda f, r=r: f.relation == r) for r in sorted({f.relation for f in facts})}}
+
+
+LOSS_KINDS = ("stopped early", "a training answer", "other")
+
+
+def lost_facts(facts: Sequence[RealFact], completions: Sequence[str], source: Sequence[str],
+               targets: set[str]) -> dict[str, int]:
+    """Where a system loses what the source alone states on the same prompt, by kind: `stopped early` (its answer is
+    a proper start of the right one: "Reyk" for Reykjavik, "2" for 20), `a training answer` (it answered with one of
+    its training targets: "Spain" for the capital of Spain), `other`. `targets`: normalised training answers."""
+    counts = dict.fromkeys(("source states", *LOSS_KINDS), 0)
+    for f, got, src in zip(facts, completions, source):
+        if not states_answer(src, f.answer):
+            continue
+        counts["source states"] += 1
+        if states_answer(got, f.answer):
+            continue
+        mine, want = answer_of(got), normalise(f.answer)
+        kind = ("stopped early" if mine and want.startswith(mine) and mine != want
+                else "a training answer" if mine in targets else "other")
+        counts[kind] += 1
+    return counts
 
 
 @torch.no_grad()

@@ -21,8 +21,9 @@ from ..model import LLMModule
 from ..knowledge_source import load_causal_lm, load_tokenizer
 from ..training.recipe import TrainConfig
 from ..training.trainer import Trainer
-from .facts import (FactSplit, RealFact, complete, load_facts, normalise, probe_source, score, split_by_entity,
-                    states_answer, wilson)
+from .facts import (LOSS_KINDS, PACKAGED, PACKAGED_KINDS, FactSplit, RealFact, complete, load_fact_files, lost_facts,
+                    normalise, probe_source, relation_folds, score, split_by_entity, split_by_relation, states_answer, wilson)
+from ..inference.calibrate import write_counting_reads
 from .long_answers import SENTENCES, answers_part, long_answers, slot_text, write_paragraphs
 from .run import fit_causal_lm
 
@@ -36,6 +37,9 @@ ABLATION = (PAPER_KD, KNOWLEDGE_NO_KD)
 # Fast mode (prompt conditioning): the source reads the question only; the small part writes the answer, reading the
 # source's predictions over the prompt through the knowledge lookup.
 MODULE_FAST = "LLM Module + knowledge lookup, prompt conditioning"
+# ... and the source catching up on the answer where the module is unsure (ModuleConfig.source_adaptive): what a
+# fact of a kind never trained on needs once its answer runs past the tokens the source has read.
+MODULE_FAST_ADAPTIVE = "LLM Module + knowledge lookup, prompt conditioning, adaptive source reads"
 # name -> (knowledge path, distillation weight (None: the config's), conditioning)
 MODULES = {MODULE_PAPER: ("none", 0.0, "token"), MODULE_KNOWLEDGE: ("logits", None, "token"),
            MODULE_FAST: ("lookup", None, "prompt"), PAPER_KD: ("none", None, "token"),
@@ -50,8 +54,13 @@ class FactsConfig:
     source: str | None = None
     """Knowledge source (folder, hub id or .gguf); default: SmolLM2-135M-Instruct via `llm-modules fetch-source`."""
     facts: str | None = None
-    """JSONL of facts (entity, relation, cue, answer, optional question); default: the packaged 658 facts."""
+    """JSONL of facts (entity, relation, cue, answer, optional question); default: the packaged 658 facts (entity
+    split), those and the 445 of ten more kinds (relation split)."""
     seeds: tuple[int, ...] = (0,)
+    split: str = "entity"
+    """`entity`: test entities never trained on, the relations all trained. `relation`: test relations never trained
+    on (rotated over `relation_folds` folds, so every relation is tested once)."""
+    relation_folds: int = 2
     small_hidden: int = 128
     small_layers: int = 2
     epochs: int = 25
@@ -78,8 +87,15 @@ class FactsConfig:
     of these entropy thresholds (nats)..."""
     long_max_gaps: tuple[int, ...] = (0, 8)
     """... and each of these bounds on how far the source may lag (ModuleConfig.source_max_gap; 0: none)."""
+    long_budgets: tuple[float, ...] = (0.1, 0.2)
+    """Long answers: the same adaptive module with its threshold calibrated on the validation entities' questions
+    (`inference.calibrate`) to spend each of these shares of answer tokens on source reads."""
+    calibration_prompts: int = 8
+    calibration_steps: int = 6
     adaptive_rate: float = 0.25
     """The adaptive module's training catch-up rate (ModuleConfig.source_adaptive)."""
+    adaptive_entropy: float = 1.0
+    """One fact per answer: the entropy (nats) over which the adaptive module's source catches up."""
     adaptive_knowledge: str = "lookup"
     """The adaptive module's knowledge path: `logits` adds the source's own prediction where it caught up (what token
     conditioning adds everywhere); `lookup` attends over every position read for it."""
@@ -100,6 +116,10 @@ def adaptive_name(nats: float, max_gap: int = 0) -> str:
     return f"LLM Module, prompt conditioning, adaptive source reads (entropy over {nats:g} nats{gap})"
 
 
+def budget_name(budget: float) -> str:
+    return f"LLM Module, prompt conditioning, adaptive source reads calibrated to {budget:.0%} of answer tokens"
+
+
 def adaptive_settings(cfg: "FactsConfig") -> list[tuple[float, int]]:
     """(threshold, max gap) of each adaptive system, in the report's order."""
     return [(t, g) for g in cfg.long_max_gaps for t in cfg.long_adaptive]
@@ -108,11 +128,12 @@ def adaptive_settings(cfg: "FactsConfig") -> list[tuple[float, int]]:
 ADAPTIVE_RUN = "adaptive"  # the folder of the one adaptive module every threshold decodes
 
 
-def long_systems(every: Sequence[int], adaptive: Sequence[tuple[float, int]] = ()) -> tuple[str, ...]:
+def long_systems(every: Sequence[int], adaptive: Sequence[tuple[float, int]] = (),
+                 budgets: Sequence[float] = ()) -> tuple[str, ...]:
     """The long-answer systems: token conditioning, fast mode, fast mode catching up every K and adaptively (at each
-    (threshold, max gap)), the baselines."""
+    (threshold, max gap), then at each calibrated read budget), the baselines."""
     return (*LONG_SYSTEMS[:2], *(every_name(k) for k in every), *(adaptive_name(t, g) for t, g in adaptive),
-            *LONG_SYSTEMS[2:])
+            *(budget_name(b) for b in budgets), *LONG_SYSTEMS[2:])
 
 
 def module_spec(name: str, cfg: "FactsConfig") -> tuple[str, float, str, int, float] | None:
@@ -121,13 +142,19 @@ def module_spec(name: str, cfg: "FactsConfig") -> tuple[str, float, str, int, fl
     for k in cfg.long_every:
         if name == every_name(k):
             return "lookup", cfg.distill_weight, "prompt", k, 0.0
-    if any(name == adaptive_name(t, g) for t, g in adaptive_settings(cfg)):
+    if (any(name == adaptive_name(t, g) for t, g in adaptive_settings(cfg)) or budget_of(name, cfg) is not None
+            or name == MODULE_FAST_ADAPTIVE):
         return cfg.adaptive_knowledge, cfg.distill_weight, "prompt", 0, cfg.adaptive_rate
     if name not in MODULES:
         return None
     knowledge, distill, conditioning = MODULES[name]
     return (knowledge, cfg.distill_weight if distill is None else distill, conditioning,
             cfg.source_every if conditioning == "prompt" else 0, 0.0)
+
+
+def budget_of(name: str, cfg: "FactsConfig") -> float | None:
+    """The read budget a calibrated adaptive system spends (None for the others)."""
+    return next((b for b in cfg.long_budgets if name == budget_name(b)), None)
 
 
 def threshold_of(name: str, cfg: "FactsConfig") -> tuple[float | None, int | None]:
@@ -168,7 +195,7 @@ def train_module(cfg: FactsConfig, source: str, small: str, data: Path, run: Pat
                   cache_dir=str(data.parent.parent / ("features-lookup" if knowledge == "lookup" else "features")))
     recipe.update(knowledge_path=knowledge, distill_weight=distill, conditioning=conditioning,
                   answer_source_tokens=cfg.answer_source_tokens if conditioning == "prompt" else 0,
-                  source_every=every, source_adaptive=adaptive)
+                  source_every=every, source_adaptive=adaptive, source_entropy=cfg.adaptive_entropy)
     desc = (("paper" if knowledge == "none" else knowledge) + ("+kd" if distill else "") + f" {conditioning}"
             + (f"/{every}" if every else "") + ("/adaptive" if adaptive else "") + f" s{seed}")
     Trainer(TrainConfig.from_dict(recipe), log=lambda s: None, desc=desc).fit()
@@ -190,9 +217,9 @@ def train_small(cfg: FactsConfig, tok: Any, rows: Sequence[dict], run: Path, see
 
 
 def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, source_lm: Any, tok: Any,
-             out: Path, log: Log) -> dict[str, Any]:
-    """Every system on one split: {system: score dict}."""
-    root = out / f"seed{seed}"
+             out: Path, log: Log, root: Path | None = None) -> dict[str, Any]:
+    """Every system on one split: {system: score dict}; trained in `root` (default out/seed<seed>)."""
+    root = root or out / f"seed{seed}"
     data = root / "data"
     _rows_file(data / "train.jsonl", split.train)
     _rows_file(data / "val.jsonl", split.val)
@@ -210,7 +237,7 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
 
     train_rows = [f.row() for f in split.train]
     for name in cfg.systems:
-        t = time.perf_counter()
+        t, reads = time.perf_counter(), None
         if (spec := module_spec(name, cfg)) is not None:
             model = train_module(cfg, source_ref, small_cfg, data, root / _slug(name), seed, *spec)
         elif name == SMALL:
@@ -225,11 +252,48 @@ def run_seed(cfg: FactsConfig, seed: int, split: FactSplit, source_ref: str, sou
             model = train_small(cfg, tok, train_rows + extra, root / "kd_transfer", seed, "distil+", teacher=source_lm)
         else:
             model = source_lm
-        record(name, complete(model, tok, prompts, cfg.max_new_tokens), time.perf_counter() - t)
+        if spec is not None and spec[4]:  # adaptive: one answer at a time, counting the source's catch-ups
+            completions, reads, _ = write_counting_reads(model, prompts, cfg.max_new_tokens)
+        else:
+            completions = complete(model, tok, prompts, cfg.max_new_tokens)
+        record(name, completions, time.perf_counter() - t)
+        got[name]["source_reads_per_token"] = reads
         _costs(got[name], model)
+    if SOURCE in got:  # what each system loses of what the source states on the same prompts, and how
+        targets = {normalise(f.answer) for f in split.train}
+        source = [a["got"] for a in got[SOURCE]["answers"]]
+        for name in got:
+            got[name]["lost"] = lost_facts(split.test, [a["got"] for a in got[name]["answers"]], source, targets)
     if SOURCE in cfg.systems:  # the selection itself: the bare cue, which the source states by construction
         record(SOURCE_CUE, complete(source_lm, tok, [f.cue for f in split.test], cfg.max_new_tokens), 0.0)
         got[SOURCE_CUE]["per_token"] = per_token_parameters(source_lm)
+    return got
+
+
+def run_relation_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], folds: Sequence[Sequence[str]],
+                      source_ref: str, source_lm: Any, tok: Any, out: Path, log: Log) -> dict[str, Any]:
+    """Every system on each fold of the relation split (its relations held out of training), scored over all folds:
+    every relation is tested once, by systems that never trained on it."""
+    splits, per_fold = [], []
+    for i, held in enumerate(folds):
+        split = split_by_relation(facts, held, seed)
+        log(f"seed {seed} fold {i}: held out {', '.join(held)}; {len(split.train)} train / {len(split.val)} validation "
+            f"facts of the other relations, {len(split.test)} test facts")
+        splits.append(split)
+        per_fold.append(run_seed(cfg, seed, split, source_ref, source_lm, tok, out, log, out / f"seed{seed}" / f"fold{i}"))
+    test = [f for sp in splits for f in sp.test]
+    unseen = set().union(*(sp.unseen for sp in splits))
+    got: dict[str, Any] = {}
+    for name in per_fold[0]:
+        answers = [a for r in per_fold for a in r[name]["answers"]]
+        got[name] = {**per_fold[0][name], **score(test, [a["got"] for a in answers], unseen), "answers": answers,
+                     "seconds": sum(r[name]["seconds"] for r in per_fold)}
+        reads = [r[name].get("source_reads_per_token") for r in per_fold]
+        got[name]["source_reads_per_token"] = None if None in reads else sum(reads) / len(reads)
+        if "lost" in per_fold[0][name]:
+            got[name]["lost"] = {k: sum(r[name]["lost"][k] for r in per_fold) for k in per_fold[0][name]["lost"]}
+        s = got[name]
+        log(f"  seed {seed} {name}, all folds: test EM {s['all']['em']:.1%}, unseen answers {_pct(s['unseen']['em'])}")
     return got
 
 
@@ -250,7 +314,7 @@ def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known:
     unseen = {f for f in slots if normalise(f.answer) not in targets}
     log(f"seed {seed}: long answers of {len(train)} train / {len(val)} validation / {len(test)} test entities; "
         f"{len(slots)} test slots the source states ({len(unseen)} whose value was never a training target)")
-    small_cfg, got, written, modules = _small_config_dir(cfg, out), {}, {}, {}
+    small_cfg, got, written, modules, thresholds = _small_config_dir(cfg, out), {}, {}, {}, {}
     for name in cfg.systems:
         t, reads = time.perf_counter(), None
         if name == SOURCE:  # what the source knows there: the paragraph given up to each slot
@@ -263,17 +327,19 @@ def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known:
                     run = root / _slug(ADAPTIVE_RUN if spec[4] else name)
                     modules[spec] = train_module(cfg, source_ref, small_cfg, data, run, seed, *spec,
                                                  epochs=cfg.long_epochs)
-                model = modules[spec]
-                paragraphs_out, reads, _ = write_paragraphs(model, tok, questions, cfg.long_max_new_tokens,
-                                                            *threshold_of(name, cfg))
+                model, nats = modules[spec], threshold_of(name, cfg)
+                if (budget := budget_of(name, cfg)) is not None:
+                    nats = thresholds[name] = calibrated(cfg, model, [a.question() for a in val], budget, log), None
+                paragraphs_out, reads, _ = write_paragraphs(model, questions, cfg.long_max_new_tokens, *nats)
             else:
                 model = train_small(cfg, tok, [a.row() for a in train], root / _slug(name), seed, name,
                                     teacher=source_lm if name == KD else None, epochs=cfg.long_epochs)
                 paragraphs_out = complete(model, tok, questions, cfg.long_max_new_tokens)
             written[name] = dict(zip([a.entity for a in test], paragraphs_out))
             by_slot = {f: slot_text(written[name][a.entity], f) for a, f in pairs}
-        got[name] = score(slots, [by_slot[f] for f in slots], unseen) | {"seconds": time.perf_counter() - t,
-                                                                         "source_reads_per_token": reads}
+        got[name] = score(slots, [by_slot[f] for f in slots], unseen) | {
+            "seconds": time.perf_counter() - t, "source_reads_per_token": reads,
+            **({"source_entropy": thresholds[name][0]} if name in thresholds else {})}
         got[name]["whole answers"] = answers_part(test, {f: states_answer(by_slot[f], f.answer) for f in slots})
         _costs(got[name], model)
         s = got[name]
@@ -282,6 +348,18 @@ def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known:
                                                    else "") + f" ({s['seconds']:.0f} s)")
     atomic_write_text(root / "paragraphs.json", json.dumps(written, indent=1))  # what each system wrote
     return got
+
+
+def calibrated(cfg: FactsConfig, model: LLMModule, questions: Sequence[str], budget: float, log: Log) -> float:
+    """The entropy threshold at which `model` spends `budget` of its answer tokens on source reads, measured on the
+    first `cfg.calibration_prompts` validation questions."""
+    from ..inference.calibrate import calibrate_entropy
+
+    cal = calibrate_entropy(model, questions[:cfg.calibration_prompts], budget, cfg.long_max_new_tokens,
+                            cfg.calibration_steps)
+    log(f"  calibrated to {budget:.0%} source reads: {cal.threshold:.2f} nats ({cal.reads_per_token:.3f} reads per "
+        f"token on {min(len(questions), cfg.calibration_prompts)} validation questions)")
+    return cal.threshold
 
 
 def _slug(name: str) -> str:
@@ -305,11 +383,17 @@ def run_facts(cfg: FactsConfig, log: Log = print) -> dict[str, Any]:
     from ..fetch_source import fetch_source
     from ..knowledge_source import KnowledgeSource
 
+    if cfg.split not in ("entity", "relation"):
+        raise ValueError(f"split must be entity or relation, not {cfg.split!r}")
+    if cfg.split == "relation" and cfg.long_answers:
+        raise ValueError("long answers are split by entity (their paragraphs state every relation)")
+    if cfg.split == "relation" and cfg.relation_folds < 2:
+        raise ValueError(f"relation split: {cfg.relation_folds} folds; it needs 2 or more")
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     source_ref = cfg.source or str(fetch_source("smollm2", log=log))
-    facts = load_facts(cfg.facts)
+    facts = load_fact_files([cfg.facts] if cfg.facts else [PACKAGED, *([PACKAGED_KINDS] if cfg.split == "relation" else [])])
     tok = load_tokenizer(source_ref)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -323,8 +407,12 @@ def run_facts(cfg: FactsConfig, log: Log = print) -> dict[str, Any]:
         + ", ".join(f"{r} {k}/{n}" for r, (k, n) in by_rel.items()))
     if len({f.entity for f in kept}) < 4:
         raise ValueError("the source states too few facts to split by entity (need facts about 4+ entities)")
+    folds = relation_folds(kept, cfg.relation_folds) if cfg.split == "relation" else []
     runs = {}
     for seed in cfg.seeds:
+        if folds:
+            runs[seed] = run_relation_seed(cfg, seed, kept, folds, source_ref, source_lm, tok, out, log)
+            continue
         if cfg.long_answers:
             runs[seed] = run_long_seed(cfg, seed, facts, set(kept), source_ref, source_lm, tok, out, log)
             continue
@@ -332,7 +420,7 @@ def run_facts(cfg: FactsConfig, log: Log = print) -> dict[str, Any]:
         log(f"seed {seed}: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test facts "
             f"({len(split.unseen)} test answers never a training target)")
         runs[seed] = run_seed(cfg, seed, split, source_ref, source_lm, tok, out, log)
-    summary = {"config": dataclasses.asdict(cfg), "source": source_ref, "probe": by_rel, "kept": len(kept),
+    summary = {"config": dataclasses.asdict(cfg), "source": source_ref, "probe": by_rel, "kept": len(kept), "folds": folds,
                "runs": {str(s): r for s, r in runs.items()}, "seconds": time.perf_counter() - t0}
     summary["table"] = aggregate(runs)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
@@ -366,8 +454,16 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         table[name]["answer_source_tokens"] = first.get("answer_source_tokens")
         table[name]["source_every"] = first.get("source_every")
         table[name]["source_adaptive"] = first.get("source_adaptive")
+        if all("lost" in r[name] for r in runs.values()):  # counts summed over seeds
+            table[name]["lost"] = {k: sum(r[name]["lost"][k] for r in runs.values()) for k in first["lost"]}
+        if all("source_entropy" in r[name] for r in runs.values()):  # calibrated per seed
+            table[name]["source_entropy"] = [r[name]["source_entropy"] for r in runs.values()]
         reads = [r[name]["source_reads_per_token"] for r in runs.values() if r[name].get("source_reads_per_token") is not None]
         table[name]["source_reads_per_token"] = statistics.mean(reads) if reads else None
+        ratios = [r[name]["all"]["em"] / r[SOURCE]["all"]["em"] for r in runs.values()
+                  if SOURCE in r and r[SOURCE]["all"]["em"] and r[name]["all"]["em"] is not None]
+        if ratios and len(ratios) == len(runs):  # per seed: this system's EM over the source's on the same prompts
+            table[name]["vs_source"] = {"mean": statistics.mean(ratios), "min": min(ratios), "max": max(ratios)}
     return table
 
 
@@ -405,6 +501,37 @@ def _cell(c: dict[str, Any]) -> str:
     return f"{c['mean']:.1%}{spread} [{c['ci95'][0]:.0%}, {c['ci95'][1]:.0%}]"
 
 
+def _split_text(summary: dict[str, Any]) -> str:
+    if not summary.get("folds"):
+        return "Split by entity (train / validation / test): test entities never trained on, every relation trained."
+    folds = "; ".join(f"fold {i}: " + ", ".join(g) for i, g in enumerate(summary["folds"]))
+    return (f"Split by relation: each relation is held out of training in one of {len(summary['folds'])} folds "
+            f"({folds}) and tested there; the other relations' facts train the systems (validation: 20% of their "
+            "entities). Every system is retrained per fold.")
+
+
+def _ratio(r: dict[str, float] | None) -> str:
+    if r is None:
+        return "n/a"
+    return f"{r['mean']:.2f}x" + (f" ({r['min']:.2f}-{r['max']:.2f})" if r["max"] != r["min"] else "")
+
+
+def _lost_lines(table: dict[str, dict[str, Any]]) -> list[str]:
+    """Where each system loses the facts the source alone states on the same prompts (all seeds together)."""
+    rows = [(n, t["lost"]) for n, t in table.items() if t.get("lost") and n != SOURCE]
+    if not rows:
+        return []
+    lines = ["", "## Where systems lose what the source states", "",
+             "Test facts the source alone states on the same prompt, and why a system does not (all seeds together): "
+             "'stopped early', its answer is a proper start of the right one (\"Reyk\" for Reykjavik); 'a training "
+             "answer', it answers with one of its training targets; 'other', anything else.", "",
+             "| system | source states | kept | " + " | ".join(LOSS_KINDS) + " |", "|---|---:|---:|" + "---:|" * len(LOSS_KINDS)]
+    for name, lost in rows:
+        kept = lost["source states"] - sum(lost[k] for k in LOSS_KINDS)
+        lines.append(f"| {name} | {lost['source states']} | {kept} | " + " | ".join(str(lost[k]) for k in LOSS_KINDS) + " |")
+    return lines
+
+
 def facts_report(summary: dict[str, Any]) -> str:
     table, seeds = summary["table"], summary["config"]["seeds"]
     long = summary["config"].get("long_answers")
@@ -413,7 +540,7 @@ def facts_report(summary: dict[str, Any]) -> str:
     lines = ["# Real facts: knowledge transfer from a pretrained source", "",
              f"Source: `{summary['source']}`; it states {summary['kept']} of the facts when given their cue "
              "(probe per relation: " + ", ".join(f"{r} {k}/{n}" for r, (k, n) in summary["probe"].items()) + "). "
-             f"Split by entity (train / validation / test); seeds {', '.join(map(str, seeds))}. Cells: mean over "
+             + _split_text(summary) + f" Seeds {', '.join(map(str, seeds))}. Cells: mean over "
              "seeds (min-max) [Wilson 95% interval over all seeds' test facts]. 'unseen': test facts whose answer "
              "is never a training target.", "",
              *([f"Long answers (`--long-answers`): one paragraph per test entity stating {len(SENTENCES)} facts, "
@@ -421,8 +548,8 @@ def facts_report(summary: dict[str, Any]) -> str:
                 "right); the source alone is given the paragraph up to each slot.", ""] if long else []),
              "| system | " + ("slots right | unseen values | seen values | whole answers | source forwards per answer "
                                  "token" if long else "test EM | unseen answers | seen answers")
-             + " | params run per new token |",
-             "|---|---|---|---|" + ("---|---:|" if long else "") + "---:|"]
+             + " | x the source alone | params run per new token |",
+             "|---|---|---|---|" + ("---|---:|" if long else "") + "---:|---:|"]
     for name, t in table.items():
         cost = f"{t['per_token']:,}" if t.get("per_token") else "n/a"
         if t.get("answer_source_tokens"):
@@ -430,13 +557,19 @@ def facts_report(summary: dict[str, Any]) -> str:
         if t.get("source_every"):
             cost += f" (+ a source forward over every {t['source_every']} answer tokens)"
         if t.get("source_adaptive"):
-            cost += " (+ a source forward where the module is unsure)"
+            cost += " (+ a source forward where the module is unsure"
+            cost += f": {t['source_reads_per_token']:.2f} per answer token)" if not long and t.get(
+                "source_reads_per_token") is not None else ")"
+        if t.get("source_entropy"):
+            cost += " (threshold " + " / ".join(f"{x:.2f}" for x in t["source_entropy"]) + " nats)"
         reads = [] if not long else ["n/a" if t.get("source_reads_per_token") is None
                                      else f"{t['source_reads_per_token']:.3f}"]
-        lines.append(f"| {name} | " + " | ".join([*(_cell(t[p]) for p in parts), *reads]) + f" | {cost} |")
+        lines.append(f"| {name} | " + " | ".join([*(_cell(t[p]) for p in parts), *reads, _ratio(t.get("vs_source"))])
+                     + f" | {cost} |")
     lines += ["", f"## Per relation ({'slots right' if long else 'test EM'})", "", "| system | " + " | ".join(r[10:] for r in relations) + " |",
               "|---|" + "---|" * len(relations)]
     for name, t in table.items():
         lines.append(f"| {name} | " + " | ".join(_cell(t[r]) if r in t else "n/a" for r in relations) + " |")
+    lines += _lost_lines(table)
     lines += ["", "![accuracy](accuracy.png)", *(["", "![quality against cost](quality_cost.png)"] if long else [])]
     return "\n".join(lines) + "\n"

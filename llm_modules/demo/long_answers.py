@@ -17,8 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
-
 from .facts import RealFact
 
 # relation -> the opening of the sentence that states it; the value follows, then a full stop.
@@ -78,28 +76,10 @@ def answers_part(answers: Sequence[LongAnswer], hits: dict[RealFact, bool]) -> d
     return {"hits": sum(whole), "n": len(whole), "em": sum(whole) / len(whole) if whole else None}
 
 
-def write_paragraphs(module: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-                     source_entropy: float | None = None, source_max_gap: int | None = None
-                     ) -> tuple[list[str], float, int]:
-    """An LLM Module's greedy paragraphs, one prompt at a time (each stops at its own end, so no row decodes past
-    it), and the knowledge source's forwards while they were written per answer token written: 1 - 1 / n under
-    token conditioning, 1 / K when it catches up every K tokens, what the text asked for under the adaptive schedule.
-    `source_entropy`, `source_max_gap`: the adaptive schedule's settings. Returns (paragraphs, forwards per token, tokens written)."""
-    from ..data import encode_prompt
-    from ..decode import cut_text, decode
+def write_paragraphs(module: Any, prompts: Sequence[str], max_new_tokens: int, source_entropy: float | None = None,
+                     source_max_gap: int | None = None) -> tuple[list[str], float, int]:
+    """An LLM Module's greedy paragraphs, one prompt at a time, and the source's forwards per answer token written
+    (`inference.calibrate.write_counting_reads`)."""
+    from ..inference.calibrate import write_counting_reads
 
-    texts, reads, written = [], 0, 0
-    real = module.source.forward
-    calls: list[int] = []
-    module.source.forward = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
-    try:
-        for prompt in prompts:
-            ids = torch.tensor([encode_prompt(tokenizer, "raw", prompt).input_ids], device=module.device)
-            calls.clear()
-            out = [int(t) for t, _, _ in decode(module, ids, max_new_tokens=max_new_tokens, stop_strings=("\n",),
-                                                source_entropy=source_entropy, source_max_gap=source_max_gap)]
-            reads, written = reads + len(calls) - 1, written + len(out)  # the first call reads the prompt
-            texts.append(cut_text(tokenizer.decode(out), ("\n",), tokenizer.eos_token))
-    finally:
-        module.source.forward = real
-    return texts, reads / max(written, 1), written
+    return write_counting_reads(module, prompts, max_new_tokens, source_entropy, source_max_gap)

@@ -71,11 +71,8 @@ def answer_prompts(model: Any, prompts: Sequence[str | Example], max_new_tokens:
     return out
 
 
-def evaluate_dataset(module: Any, data: str, fmt: str | None = None, max_new_tokens: int = 256,
-                     batch_size: int = 8, limit: int | None = None, skip_bad_rows: bool = False) -> dict[str, float]:
-    """Perplexity on the answers (teacher-forced) and exact match of generated answers, for any supported dataset."""
-    fmt = fmt or module.config.prompt.format
-    formatter = Formatter(module.tokenizer, fmt, "assistant")
+def read_conversations(data: str, limit: int | None = None, skip_bad_rows: bool = False) -> list[Any]:
+    """The conversations of a dataset (the first `limit`); a bad row is a one-line error unless skipped."""
     convs = []
     for where, row in iter_rows(data):
         try:
@@ -87,15 +84,25 @@ def evaluate_dataset(module: Any, data: str, fmt: str | None = None, max_new_tok
             break
     if not convs:
         raise ValueError(f"{data}: no rows to evaluate")
-    examples = [formatter.encode(c) for c in convs]
+    return convs
+
+
+def last_turn(tokenizer: Any, fmt: str, conv: Any) -> tuple[Example, str]:
+    """(the prompt of a conversation's last answer, laid out as training does, and that answer)."""
+    # parse_row guarantees every assistant turn follows a user turn.
+    last = max(i for i, (r, _) in enumerate(conv.turns) if r == "assistant")
+    history, question = conv.turns[: last - 1], conv.turns[last - 1][1]
+    return encode_prompt(tokenizer, fmt, question, history, conv.system), conv.turns[last][1]
+
+
+def evaluate_dataset(module: Any, data: str, fmt: str | None = None, max_new_tokens: int = 256,
+                     batch_size: int = 8, limit: int | None = None, skip_bad_rows: bool = False) -> dict[str, float]:
+    """Perplexity on the answers (teacher-forced) and exact match of generated answers, for any supported dataset."""
+    fmt = fmt or module.config.prompt.format
+    convs = read_conversations(data, limit, skip_bad_rows)
+    examples = [Formatter(module.tokenizer, fmt, "assistant").encode(c) for c in convs]
     loss = evaluate_loss(module, examples, batch_size, pad_id(module.tokenizer))
-    prompts, refs = [], []
-    for c in convs:
-        # parse_row guarantees every assistant turn follows a user turn.
-        last = max(i for i, (r, _) in enumerate(c.turns) if r == "assistant")
-        history, question = c.turns[: last - 1], c.turns[last - 1][1]
-        prompts.append(encode_prompt(module.tokenizer, fmt, question, history, c.system))
-        refs.append(c.turns[last][1])
+    prompts, refs = zip(*(last_turn(module.tokenizer, fmt, c) for c in convs))
     preds = answer_prompts(module, prompts, max_new_tokens, batch_size)
     return {"rows": len(convs), "loss": loss["loss"], "perplexity": loss["perplexity"],
             "exact_match": exact_match(preds, refs)}
