@@ -309,7 +309,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                         "thresholds 3, 4 and 5 nats, with no bound and at most 8 tokens behind, and at thresholds "
                         "calibrated on validation questions to read the source at 10%% and 20%% of answer tokens), the "
                         "small model, distillation, the source; each module's source forwards per answer token "
-                        "measured; about an hour per seed on 2 CPU cores)")
+                        "measured; about 47 minutes per seed on 2 CPU cores)")
     p.add_argument("--source-every", type=int, default=0,
                    help="facts world: the prompt-conditioned module's source catches up on the answer every K answer "
                         "tokens (source_every; default 0: never)")
