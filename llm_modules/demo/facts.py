@@ -149,8 +149,11 @@ def relation_folds(facts: Sequence[RealFact], folds: int) -> list[list[str]]:
     return [sorted(g) for g in groups]
 
 
+RELATION_VAL_FRACTION = 0.2  # relation split: the share of the trained relations' entities kept for validation
+
+
 def split_by_relation(facts: Sequence[RealFact], held_out: Sequence[str], seed: int,
-                      val_fraction: float = 0.2) -> FactSplit:
+                      val_fraction: float = RELATION_VAL_FRACTION) -> FactSplit:
     """Test: every fact of the held-out relations. Train / validation: the other relations' facts, split by entity
     (checkpoints are chosen on validation entities of trained relations: all a user training on their own task has)."""
     held = set(held_out)

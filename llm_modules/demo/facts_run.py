@@ -21,9 +21,10 @@ from ..model import LLMModule
 from ..knowledge_source import load_causal_lm, load_tokenizer
 from ..training.recipe import TrainConfig
 from ..training.trainer import Trainer
-from .facts import (LOSS_KINDS, PACKAGED, PACKAGED_KINDS, FactSplit, RealFact, complete, load_fact_files, lost_facts,
-                    normalise, probe_source, relation_folds, score, split_by_entity, split_by_relation, states_answer, wilson)
-from ..inference.calibrate import write_counting_reads
+from ..inference.calibrate import calibrate_entropy, write_counting_reads
+from .facts import (LOSS_KINDS, PACKAGED, PACKAGED_KINDS, RELATION_VAL_FRACTION, FactSplit, RealFact, complete,
+                    load_fact_files, lost_facts, normalise, probe_source, relation_folds, score, split_by_entity,
+                    split_by_relation, states_answer, wilson)
 from .long_answers import SENTENCES, answers_part, long_answers, slot_text, write_paragraphs
 from .run import fit_causal_lm
 
@@ -353,8 +354,6 @@ def run_long_seed(cfg: FactsConfig, seed: int, facts: Sequence[RealFact], known:
 def calibrated(cfg: FactsConfig, model: LLMModule, questions: Sequence[str], budget: float, log: Log) -> float:
     """The entropy threshold at which `model` spends `budget` of its answer tokens on source reads, measured on the
     first `cfg.calibration_prompts` validation questions."""
-    from ..inference.calibrate import calibrate_entropy
-
     cal = calibrate_entropy(model, questions[:cfg.calibration_prompts], budget, cfg.long_max_new_tokens,
                             cfg.calibration_steps)
     log(f"  calibrated to {budget:.0%} source reads: {cal.threshold:.2f} nats ({cal.reads_per_token:.3f} reads per "
@@ -506,8 +505,8 @@ def _split_text(summary: dict[str, Any]) -> str:
         return "Split by entity (train / validation / test): test entities never trained on, every relation trained."
     folds = "; ".join(f"fold {i}: " + ", ".join(g) for i, g in enumerate(summary["folds"]))
     return (f"Split by relation: each relation is held out of training in one of {len(summary['folds'])} folds "
-            f"({folds}) and tested there; the other relations' facts train the systems (validation: 20% of their "
-            "entities). Every system is retrained per fold.")
+            f"({folds}) and tested there; the other relations' facts train the systems (validation: "
+            f"{RELATION_VAL_FRACTION:.0%} of their entities). Every system is retrained per fold.")
 
 
 def _ratio(r: dict[str, float] | None) -> str:
@@ -557,9 +556,9 @@ def facts_report(summary: dict[str, Any]) -> str:
         if t.get("source_every"):
             cost += f" (+ a source forward over every {t['source_every']} answer tokens)"
         if t.get("source_adaptive"):
-            cost += " (+ a source forward where the module is unsure"
-            cost += f": {t['source_reads_per_token']:.2f} per answer token)" if not long and t.get(
-                "source_reads_per_token") is not None else ")"
+            measured = t.get("source_reads_per_token")  # long answers: a column of its own
+            cost += " (+ a source forward where the module is unsure" + (
+                f": {measured:.2f} per answer token)" if measured is not None and not long else ")")
         if t.get("source_entropy"):
             cost += " (threshold " + " / ".join(f"{x:.2f}" for x in t["source_entropy"]) + " nats)"
         reads = [] if not long else ["n/a" if t.get("source_reads_per_token") is None
